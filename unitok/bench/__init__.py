@@ -1,0 +1,33 @@
+"""``unitok bench <suite> --json PATH``: benchmarks that write machine-readable results.
+
+A suite is declared here (help text and options, so ``unitok --help`` imports nothing heavy) and implemented in
+its own module as ``run(args) -> dict``, imported only when the suite runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Suite:
+    module: str
+    help: str
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+SUITES: dict[str, Suite] = {
+    "eval": Suite(
+        module="unitok.bench.eval",
+        help="check the FD metric on real Fashion-MNIST (classifier accuracy, train-vs-test floor, corruptions)",
+        options={
+            "--n": {
+                "type": int,
+                "default": 5000,
+                "help": "images per side of each FD (>= 2000; default 5000)",
+            },
+            "--seed": {"type": int, "default": 0, "help": "seed for the sample draw and the corruptions"},
+        },
+    ),
+}

@@ -1,0 +1,1 @@
+"""Decoding algorithms: sampling, CFG, speculative Jacobi decoding and its relatives, block decoders."""

@@ -1,0 +1,1 @@
+"""Serving: the vLLM plugin (imported only here) and the OpenAI-compatible image/video server."""
