@@ -30,4 +30,12 @@ SUITES: dict[str, Suite] = {
             "--seed": {"type": int, "default": 0, "help": "seed for the sample draw and the corruptions"},
         },
     ),
+    "tokenizers": Suite(
+        module="unitok.bench.tokenizers",
+        help="reconstruction PSNR/SSIM, codebook usage, bits and speed of the bundled tokenizers",
+        options={
+            "--n": {"type": int, "default": 10000, "help": "Fashion-MNIST test images to score (5000..10000)"},
+            "--checkpoints": {"default": None, "help": "folder holding tokenizer-* checkpoints (default: bundled)"},
+        },
+    ),
 }

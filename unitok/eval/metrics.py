@@ -68,17 +68,27 @@ def ssim(
         raise ValueError(
             f"images of size {tuple(a.shape[-2:])} are smaller than the {window_size}x{window_size} SSIM window"
         )
+    values = ssim_per_image(a, b, data_range, window_size, sigma)
+    return _reduce(values, reduction)
+
+
+def ssim_per_image(
+    a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, window_size: int = 11, sigma: float = 1.5
+) -> torch.Tensor:
+    """Differentiable SSIM of (N, C, H, W) tensors in their own dtype -> (N,) (channels averaged).
+
+    ``ssim`` calls this on detached float64 copies; training losses call it directly on fp32 activations.
+    """
     n, c, h, w = a.shape
     a, b = a.reshape(n * c, 1, h, w), b.reshape(n * c, 1, h, w)
-    win = _gaussian_window(window_size, sigma)
+    win = _gaussian_window(window_size, sigma).to(a)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     mu_a, mu_b = F.conv2d(a, win), F.conv2d(b, win)
     var_a = F.conv2d(a * a, win) - mu_a**2
     var_b = F.conv2d(b * b, win) - mu_b**2
     cov = F.conv2d(a * b, win) - mu_a * mu_b
     ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    values = ssim_map.flatten(1).mean(1).reshape(n, c).mean(1)
-    return _reduce(values, reduction)
+    return ssim_map.flatten(1).mean(1).reshape(n, c).mean(1)
 
 
 def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:

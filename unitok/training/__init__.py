@@ -1,0 +1,1 @@
+"""Training machinery shared by every training script: YAML/CLI config, data arrays, atomic checkpoints, resume."""
