@@ -21,12 +21,16 @@ from unitok.tokenizers.base import (
 )
 from unitok.tokenizers.baseline import BaselineTokenizer, BaselineTokenizerConfig
 from unitok.tokenizers.binary import BinaryTokenizer, BinaryTokenizerConfig
+from unitok.tokenizers.flex1d import Flex1DTokenizer, Flex1DTokenizerConfig
 from unitok.tokenizers.multiscale import MultiScaleTokenizer, MultiScaleTokenizerConfig
+from unitok.tokenizers.video import VideoTokenizer, VideoTokenizerConfig
 
 TOKENIZERS: dict[str, type[UnitokTokenizer]] = {
     "baseline": BaselineTokenizer,
     "binary": BinaryTokenizer,
     "multiscale": MultiScaleTokenizer,
+    "flex1d": Flex1DTokenizer,
+    "video": VideoTokenizer,
 }
 
 for _cls in TOKENIZERS.values():
@@ -64,11 +68,15 @@ __all__ = [
     "BaselineTokenizerConfig",
     "BinaryTokenizer",
     "BinaryTokenizerConfig",
+    "Flex1DTokenizer",
+    "Flex1DTokenizerConfig",
     "MultiScaleTokenizer",
     "MultiScaleTokenizerConfig",
     "TokenizerOutput",
     "UnitokTokenizer",
     "UnitokTokenizerConfig",
+    "VideoTokenizer",
+    "VideoTokenizerConfig",
     "clips_to_pixel_values",
     "load_tokenizer",
     "to_pixel_values",

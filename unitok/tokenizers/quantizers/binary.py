@@ -110,9 +110,9 @@ class BinaryQuantizer(Quantizer):
         self.index_bits = bits // index_groups
         self.inv_temperature = float(inv_temperature)
         self.entropy_blocks = _group_blocks(bits, entropy_group_size)
-        self.register_buffer("_shifts", torch.arange(self.index_bits, dtype=torch.long), persistent=False)
-        for _, _, size in self.entropy_blocks:
-            self.register_buffer(f"_sub_codes_{size}", _sub_codes(size), persistent=False)
+        # Plain tensors, not buffers: transformers' from_pretrained builds modules on the meta device and does not
+        # restore non-persistent buffers, which would leave these tables as garbage after loading.
+        self._tables: dict[tuple[str, torch.device], torch.Tensor] = {}
 
     @property
     def codebook_size(self) -> int:
@@ -151,6 +151,17 @@ class BinaryQuantizer(Quantizer):
             quantized=quantized, indices=self._bits_to_indices(bits.long()), losses=losses, metrics=metrics
         )
 
+    def _table(self, name: str, device: torch.device) -> torch.Tensor:
+        """Constant tables ("shifts": bit positions of an index; "sub_codes_g": the 2^g corners), per device."""
+        key = (name, device)
+        if key not in self._tables:
+            if name == "shifts":
+                table = torch.arange(self.index_bits, dtype=torch.long)
+            else:
+                table = _sub_codes(int(name.rsplit("_", 1)[1]))
+            self._tables[key] = table.to(device)
+        return self._tables[key]
+
     def entropy_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, bits) unit-scale values -> (mean per-sample entropy, codebook entropy), nats summed over groups."""
         if x.shape[0] == 0:
@@ -165,7 +176,7 @@ class BinaryQuantizer(Quantizer):
         codebook = x.new_zeros(())
         for start, n_groups, size in self.entropy_blocks:
             block = x[:, start : start + n_groups * size].reshape(-1, n_groups, size)  # (N, G, g)
-            codes = getattr(self, f"_sub_codes_{size}").t() * (2 * self.inv_temperature)  # (g, 2^g)
+            codes = self._table(f"sub_codes_{size}", x.device).t() * (2 * self.inv_temperature)  # (g, 2^g)
             # Without autograd (encoding, evaluation) the (N, G, 2^g) soft assignment is summed in row chunks.
             grad = torch.is_grad_enabled() and x.requires_grad
             rows = block.shape[0] if grad else max(1, _CHUNK_ELEMENTS // (n_groups << size))
@@ -227,7 +238,7 @@ class BinaryQuantizer(Quantizer):
 
     def _bits_to_indices(self, bits: torch.Tensor) -> torch.Tensor:
         grouped = bits.reshape(*bits.shape[:-1], self.index_groups, self.index_bits)  # (..., G, b)
-        ids = (grouped << self._shifts.to(bits.device)).sum(-1)  # (..., G); distinct powers of 2: exact
+        ids = (grouped << self._table("shifts", bits.device)).sum(-1)  # (..., G); distinct powers of 2: exact
         return ids.squeeze(-1) if self.index_groups == 1 else ids
 
     def bits_to_indices(self, bits: torch.Tensor) -> torch.Tensor:
@@ -239,7 +250,7 @@ class BinaryQuantizer(Quantizer):
         indices = self.check_indices(indices)
         if self.index_groups == 1:
             indices = indices[..., None]
-        bits = (indices[..., None] >> self._shifts.to(indices.device)) & 1  # (..., G, b)
+        bits = (indices[..., None] >> self._table("shifts", indices.device)) & 1  # (..., G, b)
         return bits.reshape(*bits.shape[:-2], self.bits)
 
     def bits_to_codes(self, bits: torch.Tensor) -> torch.Tensor:
