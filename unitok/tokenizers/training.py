@@ -45,6 +45,7 @@ DEFAULTS: dict[str, Any] = {
         "max_steps": 3000,
         "max_minutes": None,
         "grad_clip": 1.0,
+        "crop": None,
         "eval_every": 500,
         "save_every": 500,
         "log_every": 25,
@@ -75,6 +76,22 @@ def to_batch(arrays: np.ndarray, video: bool) -> torch.Tensor:
     """uint8 (B, H, W) -> (B, 1, H, W), or clips (B, T, H, W) -> (B, T, 1, H, W); float in [-1, 1]."""
     x = torch.from_numpy(np.ascontiguousarray(arrays)).float() / 127.5 - 1.0
     return x[:, :, None] if video else x[:, None]
+
+
+def random_crop(arrays: np.ndarray, size: int, seed: int, step: int) -> np.ndarray:
+    """A random ``size`` x ``size`` crop of each image or clip (the same window for every frame of a clip).
+
+    Training convolutional tokenizers on crops is how video tokenizers are trained cheaply: the network is fully
+    convolutional, so it encodes full frames at evaluation. Offsets are a pure function of (seed, step), so a
+    resumed run sees the crops it would have seen.
+    """
+    h, w = arrays.shape[-2:]
+    if not 1 <= size <= min(h, w):
+        raise ValueError(f"train.crop must be between 1 and the data's size {h}x{w}, got {size}")
+    rng = np.random.default_rng([seed, step, 7])
+    ys = rng.integers(0, h - size + 1, len(arrays))
+    xs = rng.integers(0, w - size + 1, len(arrays))
+    return np.stack([a[..., y : y + size, x : x + size] for a, y, x in zip(arrays, ys, xs, strict=True)])
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -179,7 +196,10 @@ def train_tokenizer(cfg: dict[str, Any]) -> dict[str, Any]:
     bar = tqdm(total=tcfg["max_steps"], initial=step, disable=not accelerator.is_main_process, desc="tokenizer")
     images_seen = 0
     while step < tcfg["max_steps"] and time.perf_counter() < deadline:
-        x = to_batch(data[sampler.indices(step)], video).to(accelerator.device)
+        batch = data[sampler.indices(step)]
+        if tcfg["crop"]:
+            batch = random_crop(batch, int(tcfg["crop"]), seed=tcfg["seed"], step=step)
+        x = to_batch(batch, video).to(accelerator.device)
         out = model(x)
         terms = reconstruction_losses(out.reconstruction, x, weights)
         terms.update(out.losses or {})
