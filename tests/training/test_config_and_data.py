@@ -55,3 +55,17 @@ def test_hf_dataset_source(tmp_path):
     to_hf_dataset("fashion_mnist", "test", limit=12).save_to_disk(str(tmp_path / "ds"))
     images, labels = load_arrays({"source": "hf_dataset", "path": str(tmp_path / "ds")})
     assert images.shape == (12, 28, 28)
+
+
+def test_random_crop_is_seeded_per_step_and_shared_across_frames():
+    from unitok.tokenizers.training import random_crop
+
+    clips = np.random.default_rng(0).integers(0, 255, (4, 3, 16, 16), dtype=np.uint8)
+    a, b = random_crop(clips, 8, seed=0, step=5), random_crop(clips, 8, seed=0, step=5)
+    assert a.shape == (4, 3, 8, 8) and np.array_equal(a, b)
+    assert not np.array_equal(a, random_crop(clips, 8, seed=0, step=6))
+    for clip, crop in zip(clips, a, strict=True):  # one window for every frame of a clip
+        hits = [(y, x) for y in range(9) for x in range(9) if np.array_equal(clip[:, y : y + 8, x : x + 8], crop)]
+        assert hits
+    with pytest.raises(ValueError, match="train.crop"):
+        random_crop(clips, 17, seed=0, step=0)
