@@ -93,3 +93,21 @@ def test_other_kinds_train(tmp_path, kind):
     )
     cfg["output_dir"] = str(tmp_path)
     assert train_tokenizer(cfg)["step"] == 3
+
+
+def test_patch_discriminator_trains_and_resumes(tmp_path):
+    from unitok.tokenizers.training import DEFAULTS
+    from unitok.training.config import load_config
+
+    base = TINY + ["loss={mse: 1.0, ssim: 0.1, gan: 0.1, gan_start_step: 2}", "train.save_every=3", "train.log_every=1"]
+    cfg = load_config(None, base + ["train.max_steps=3"], DEFAULTS)
+    cfg["output_dir"] = str(tmp_path / "run")
+    train_tokenizer(cfg)
+    ckpt = sorted((tmp_path / "run").glob("step-*"))[-1]
+    assert (ckpt / "discriminator.pt").is_file()
+    cfg = load_config(None, base + ["train.max_steps=5"], DEFAULTS)
+    cfg["output_dir"] = str(tmp_path / "run")
+    assert train_tokenizer(cfg)["step"] == 5
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    gan_steps = [r["step"] for r in records if "loss" in r and "gan" in r]
+    assert gan_steps == [3, 4, 5]  # logged steps 1..5; the generator's GAN term starts after gan_start_step
