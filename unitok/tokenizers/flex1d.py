@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unitok.tokenizers.base import TokenizerOutput, UnitokTokenizer, UnitokTokenizerConfig
-from unitok.tokenizers.modules import ResBlock
+from unitok.tokenizers.modules import Decoder2D, Encoder2D
 from unitok.tokenizers.quantizers import build_quantizer
 
 
@@ -52,6 +52,7 @@ class Flex1DTokenizerConfig(UnitokTokenizerConfig):
         num_attention_heads: int = 4,
         mlp_ratio: float = 4.0,
         conv_channels: int = 32,
+        conv_channel_mults: list[int] | tuple[int, ...] | None = None,
         nested_dropout: bool = True,
         nested_dropout_full_prob: float = 0.25,
         **kwargs,
@@ -66,6 +67,9 @@ class Flex1DTokenizerConfig(UnitokTokenizerConfig):
         self.num_attention_heads = int(num_attention_heads)
         self.mlp_ratio = float(mlp_ratio)
         self.conv_channels = int(conv_channels)
+        levels = int(math.log2(self.patch_size)) + 1 if self.patch_size > 0 else 1
+        mults = [1] * levels if conv_channel_mults is None else [int(m) for m in conv_channel_mults]
+        self.conv_channel_mults = mults
         self.nested_dropout = bool(nested_dropout)
         self.nested_dropout_full_prob = float(nested_dropout_full_prob)
         for name in ("patch_size", "num_tokens", "hidden_size", "num_encoder_layers", "num_decoder_layers"):
@@ -84,6 +88,13 @@ class Flex1DTokenizerConfig(UnitokTokenizerConfig):
             raise ValueError(f"conv_channels must be >= 0 (0: linear patch embedding), got {conv_channels}")
         if self.conv_channels and self.patch_size & (self.patch_size - 1):
             raise ValueError(f"a conv stem (conv_channels > 0) needs a power-of-two patch_size, got {self.patch_size}")
+        if self.conv_channels and (
+            len(self.conv_channel_mults) != int(math.log2(self.patch_size)) + 1 or min(self.conv_channel_mults) < 1
+        ):
+            raise ValueError(
+                f"conv_channel_mults needs log2(patch_size) + 1 = {int(math.log2(self.patch_size)) + 1} positive "
+                f"entries (one per resolution), got {self.conv_channel_mults}"
+            )
         h, w = self.image_size
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"image_size {h}x{w} must be divisible by patch_size {self.patch_size}")
@@ -158,46 +169,29 @@ class Flex1DTransformer(nn.Module):
 
 
 class ConvPatchEmbed(nn.Module):
-    """(B, C, H, W) -> (B, H/p * W/p, d): residual conv blocks with log2(p) stride-2 downsamplings."""
+    """(B, C, H, W) -> (B, H/p * W/p, d): the baseline's conv encoder (log2(p) stride-2 levels) as a patch stem."""
 
     def __init__(self, config: Flex1DTokenizerConfig):
         super().__init__()
-        c = config.conv_channels
-        layers: list[nn.Module] = [nn.Conv2d(config.in_channels, c, 3, padding=1)]
-        for _ in range(int(math.log2(config.patch_size))):
-            layers += [ResBlock(c, c), nn.Conv2d(c, c, 3, stride=2, padding=1)]
-        layers += [
-            ResBlock(c, c),
-            nn.GroupNorm(8 if c % 8 == 0 else 1, c, eps=1e-6),
-            nn.SiLU(),
-            nn.Conv2d(c, config.hidden_size, 1),
-        ]
-        self.net = nn.Sequential(*layers)
+        c = config
+        self.net = Encoder2D(c.in_channels, c.conv_channels, c.conv_channel_mults, 1, c.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).flatten(2).transpose(1, 2)  # (B, N, d)
 
 
 class ConvPatchHead(nn.Module):
-    """(B, N, d) on the (H/p, W/p) grid -> (B, C, H, W): the mirror of :class:`ConvPatchEmbed`."""
+    """(B, N, d) on the (H/p, W/p) grid -> (B, C, H, W): the baseline's conv decoder, mirror of the stem."""
 
     def __init__(self, config: Flex1DTokenizerConfig):
         super().__init__()
-        c = config.conv_channels
-        layers: list[nn.Module] = [nn.Conv2d(config.hidden_size, c, 1), ResBlock(c, c)]
-        for _ in range(int(math.log2(config.patch_size))):
-            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1), ResBlock(c, c)]
-        layers += [
-            nn.GroupNorm(8 if c % 8 == 0 else 1, c, eps=1e-6),
-            nn.SiLU(),
-            nn.Conv2d(c, config.in_channels, 3, padding=1),
-        ]
-        self.net = nn.Sequential(*layers)
-        self.grid = (config.image_size[0] // config.patch_size, config.image_size[1] // config.patch_size)
+        c = config
+        self.net = Decoder2D(c.in_channels, c.conv_channels, c.conv_channel_mults, 1, c.hidden_size)
+        self.grid = (c.image_size[0] // c.patch_size, c.image_size[1] // c.patch_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         b, n, d = hidden_states.shape
-        return self.net(hidden_states.transpose(1, 2).reshape(b, d, *self.grid))
+        return self.net(hidden_states.transpose(1, 2).reshape(b, d, *self.grid))  # (B, d, gh, gw) -> pixels
 
 
 class Flex1DTokenizer(UnitokTokenizer):
