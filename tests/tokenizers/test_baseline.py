@@ -123,3 +123,11 @@ def test_every_quantizer_survives_from_pretrained(quantizer, images, tmp_path):
     loaded = load_tokenizer(tmp_path)
     assert torch.equal(loaded.encode(images), tok.encode(images))
     assert torch.equal(loaded.decode(tok.encode(images)), tok.decode(tok.encode(images)))
+
+
+def test_config_equality_compares_every_field():
+    from unitok.tokenizers import BaselineTokenizerConfig
+
+    assert BaselineTokenizerConfig(in_channels=1) == BaselineTokenizerConfig(in_channels=1)
+    assert BaselineTokenizerConfig(in_channels=1) != BaselineTokenizerConfig(in_channels=3)
+    assert BaselineTokenizerConfig(channels=8) != BaselineTokenizerConfig(channels=16)

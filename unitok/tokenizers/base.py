@@ -28,6 +28,19 @@ class UnitokTokenizerConfig(PretrainedConfig):
     model_type = "unitok_tokenizer"
     kind = "base"
 
+    # transformers 5 turns every config class into a dataclass whose generated __eq__ compares only the base
+    # fields; ours live in __init__, so every subclass compares the full serialised form instead.
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.__eq__ = UnitokTokenizerConfig._same_config
+        cls.__hash__ = None
+
+    def _same_config(self, other: object) -> bool:
+        return type(self) is type(other) and self.to_dict() == other.to_dict()
+
+    __eq__ = _same_config
+    __hash__ = None
+
     def __init__(
         self,
         in_channels: int = 1,
