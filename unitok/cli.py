@@ -63,6 +63,37 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         f"shuffled {report['fd_shuffled']:.1f} (n={report['n']})"
     )
     _save_demo_grid(out / "fashion_mnist_test.png")
+    _save_reconstructions(out / "tokenizers.png")
+
+
+def _save_reconstructions(path: Path) -> None:
+    """One row of real test images, then one row per bundled image tokenizer reconstructing them."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from unitok.bench.tokenizers import BUNDLED, CHECKPOINT_ROOT
+    from unitok.data import load_fashion_mnist
+    from unitok.eval.metrics import psnr
+    from unitok.tokenizers import load_tokenizer, to_pixel_values, to_uint8, to_unit_range
+
+    test = load_fashion_mnist("test")
+    images = np.stack([test.images[np.flatnonzero(test.labels == c)[0]] for c in range(10)])  # one per class
+    x = to_pixel_values(images)
+    rows = [images]
+    for name, folder in BUNDLED.items():
+        ckpt = CHECKPOINT_ROOT / folder
+        if name == "video" or not (ckpt / "config.json").is_file():
+            continue
+        tok = load_tokenizer(ckpt)
+        with torch.inference_mode():
+            recon = tok.decode(tok.encode(x)).clamp(-1, 1)
+        rows.append(to_uint8(recon)[:, 0])
+        quality = float(psnr(to_unit_range(recon), to_unit_range(x)))
+        print(f"{name:>10} tokenizer: {tok.tokens_per_image()} tokens per image, PSNR {quality:.1f} dB on these 10")
+    grid = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
+    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.Resampling.NEAREST).save(path)
+    print(f"wrote {path} (top row: real test images; below: each bundled tokenizer's reconstruction)")
 
 
 def _save_demo_grid(path: Path) -> None:
