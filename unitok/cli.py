@@ -1,4 +1,4 @@
-"""The ``unitok`` command line: ``unitok data info``, ``unitok bench <suite>``, ``unitok demo``.
+"""The ``unitok`` command line: ``unitok data info``, ``unitok generate``, ``unitok bench <suite>``, ``unitok demo``.
 
 Heavy imports happen inside the command that needs them, so ``unitok --help`` answers at once. User errors
 (bad paths, bad options, missing data packages) print one ``error:`` line and exit with status 2.
@@ -64,6 +64,37 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     )
     _save_demo_grid(out / "fashion_mnist_test.png")
     _save_reconstructions(out / "tokenizers.png")
+    _save_generations(out)
+
+
+def _save_generations(out: Path) -> None:
+    """The main job: class-conditional samples from every bundled generator (one row per class), and video clips."""
+    from unitok.bench.generation import CHECKPOINT_ROOT
+    from unitok.pipeline import UnitokPipeline, image_grid, save_gif
+
+    pipe = UnitokPipeline.from_pretrained(CHECKPOINT_ROOT)
+    for mode, video in pipe.available:
+        names = pipe.class_names(mode, video)
+        if video:
+            result = pipe(names, num_images=len(names), mode=mode, video=True, guidance_scale=2.0, seed=0)
+            frames = [
+                image_grid([clip[t] for clip in result.videos], ncol=len(names)) for t in range(len(result.videos[0]))
+            ]
+            path = save_gif(frames, out / f"generated-video-{mode}.gif", scale=1)
+            print(
+                f"wrote {path}: one clip per class, {result.forward_passes} forward passes per clip, "
+                f"{result.seconds:.1f} s"
+            )
+            continue
+        per_class = 8
+        labels = [c for c in range(len(names)) for _ in range(per_class)]
+        result = pipe(labels, num_images=len(labels), mode=mode, guidance_scale=2.0, seed=0)
+        path = out / f"generated-{mode}.png"
+        image_grid(result.images, ncol=per_class).save(path)
+        print(
+            f"wrote {path}: {per_class} samples per class (rows: {', '.join(names)}), {mode}, "
+            f"{result.forward_passes} forward passes per image, {result.seconds:.1f} s for {len(labels)} images"
+        )
 
 
 def _save_reconstructions(path: Path) -> None:
@@ -109,6 +140,45 @@ def _save_demo_grid(path: Path) -> None:
     print(f"wrote {path} (10 real test images per class, one class per row)")
 
 
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from unitok.pipeline import UnitokPipeline, image_grid, save_gif
+
+    pipe = UnitokPipeline.from_pretrained(args.model)
+    video = args.video
+    gen = pipe.generator(args.mode, video)
+    prompts = args.prompt or list(gen.vocab.class_names)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for prompt in prompts:
+        result = pipe(
+            prompt,
+            num_images=args.num_images,
+            mode=args.mode,
+            guidance_scale=args.guidance_scale,
+            seed=args.seed,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            video=video,
+        )
+        slug = "".join(ch if ch.isalnum() else "_" for ch in str(prompt)).strip("_") or "prompt"
+        if video:
+            for i, frames in enumerate(result.videos):
+                path = save_gif(frames, out / f"{slug}-{i}.gif")
+                print(f"wrote {path} ({len(frames)} frames, {result.forward_passes} forward passes per clip)")
+        else:
+            rows.extend(result.images)
+            print(
+                f"{prompt}: {args.num_images} images, {result.forward_passes} forward passes each, "
+                f"{result.seconds:.2f} s"
+            )
+    if rows:
+        path = out / f"{gen.spec.mode}.png"
+        image_grid(rows, ncol=args.num_images).save(path)
+        print(f"wrote {path} (one row per prompt: {', '.join(map(str, prompts))})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unitok", description="Autoregressive visual generation with discrete tokens."
@@ -130,6 +200,20 @@ def build_parser() -> argparse.ArgumentParser:
         for flag, kwargs in spec.options.items():
             suite.add_argument(flag, **kwargs)
         suite.set_defaults(func=_cmd_bench)
+
+    gen = sub.add_parser("generate", help="generate images (PNG grid) or clips (GIF) from a trained generator")
+    gen.add_argument("--model", default="checkpoints", help="a generator folder or a folder of gen-<mode> folders")
+    gen.add_argument("--prompt", action="append", help="class name or prompt (repeatable; default: every class)")
+    gen.add_argument("--num-images", type=int, default=8, help="samples per prompt (default 8)")
+    gen.add_argument("--mode", choices=["next-token", "next-scale", "next-block"], default=None)
+    gen.add_argument("--video", action="store_true", help="use the video generator and write GIF clips")
+    gen.add_argument("--guidance-scale", type=float, default=2.0, help="classifier-free guidance (1 = off)")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--out", default="generated", help="output folder (default: generated)")
+    gen.set_defaults(func=_cmd_generate)
 
     demo = sub.add_parser("demo", help="the main job on the bundled defaults")
     demo.add_argument("--out", default="demo_out", help="folder for the demo's outputs (default: demo_out)")

@@ -38,4 +38,17 @@ SUITES: dict[str, Suite] = {
             "--checkpoints": {"default": None, "help": "folder holding tokenizer-* checkpoints (default: bundled)"},
         },
     ),
+    "generation": Suite(
+        module="unitok.bench.generation",
+        help="FD, class accuracy, forward passes and speed of the bundled generators (every mode, image and video)",
+        options={
+            "--n": {"type": int, "default": 2000, "help": "class-balanced samples per image mode (default 2000)"},
+            "--num-real": {"type": int, "default": 5000, "help": "real Fashion-MNIST test images (default 5000)"},
+            "--video-n": {"type": int, "default": 200, "help": "clips per video mode (default 200)"},
+            "--guidance-scale": {"type": float, "default": 2.0, "help": "classifier-free guidance (default 2.0)"},
+            "--batch-size": {"type": int, "default": 100, "help": "samples per batch (default 100)"},
+            "--seed": {"type": int, "default": 0},
+            "--checkpoints": {"default": None, "help": "folder holding gen-* generators (default: bundled)"},
+        },
+    ),
 }

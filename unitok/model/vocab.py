@@ -76,6 +76,19 @@ class UnitokVocabulary:
         tokenizer.pre_tokenizer = _pre_tokenizer()
         return cls(tokenizer, num_visual_tokens, cond_len, class_names)
 
+    def extended(
+        self, texts: Iterable[str], class_names: Sequence[str], cond_len: int | None = None
+    ) -> UnitokVocabulary:
+        """A vocabulary that keeps every id of this one and appends the new words of ``texts`` and ``class_names``
+        (fine-tuning on new classes or prompts). Visual ids move up by the number of new words."""
+        vocab = dict(self.tokenizer.get_vocab())
+        for word in words_of([*class_names, *texts]):
+            vocab.setdefault(word, len(vocab))
+        tokenizer = Tokenizer(WordLevel(vocab, unk_token=UNK))
+        tokenizer.normalizer = _normalizer()
+        tokenizer.pre_tokenizer = _pre_tokenizer()
+        return UnitokVocabulary(tokenizer, self.num_visual_tokens, cond_len or self.cond_len, class_names)
+
     # --- ids --------------------------------------------------------------------------------------------------
     def token_id(self, token: str) -> int:
         return self.tokenizer.token_to_id(token)

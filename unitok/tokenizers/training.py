@@ -64,7 +64,25 @@ def build_tokenizer(spec: dict[str, Any]) -> UnitokTokenizer:
     from unitok.tokenizers import TOKENIZERS, load_tokenizer
 
     if spec.get("init_from"):
-        return load_tokenizer(spec["init_from"])
+        saved = load_tokenizer(spec["init_from"])
+        overrides = spec.get("config") or {}
+        if not overrides:
+            return saved.train()
+        # Fine-tune with changed settings that keep the weights' shapes (e.g. other FSQ levels of the same width).
+        config = type(saved.config)(**{**saved.config.to_dict(), **overrides})
+        model = type(saved)(config)
+        # A new quantizer (e.g. VQ in place of FSQ) starts fresh; every other weight must carry over unchanged.
+        state = {k: v for k, v in saved.state_dict().items() if not k.startswith("quantizer.")}
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as err:
+            raise ValueError(f"config overrides {overrides} change the weights of {spec['init_from']}: {err}") from err
+        foreign = [k for k in [*missing, *unexpected] if not k.startswith("quantizer.")]
+        if foreign:
+            raise ValueError(f"config overrides {overrides} change the weights of {spec['init_from']}: {foreign}")
+        if not any(k.startswith("quantizer.") for k in missing):  # same quantizer weights: keep them too
+            model.load_state_dict(saved.state_dict(), strict=True)
+        return model
     kind = spec.get("kind")
     if kind not in TOKENIZERS:
         raise ValueError(f"unknown tokenizer kind {kind!r}; choose one of {sorted(TOKENIZERS)}")

@@ -1,0 +1,97 @@
+"""The reference visual decoder: one forward per block of the prediction mode, KV-cached, with batched CFG.
+
+It serves every mode because a mode is a partition into blocks (see :mod:`unitok.model.modes`): next-token is
+blocks of one token (the plain AR loop), next-block one row or frame per forward, next-scale one scale per forward.
+Step ``b`` feeds block ``b``'s inputs (built from the tokens sampled so far) against the cache of earlier steps,
+reads the logits of block ``b``'s slots restricted to the visual vocabulary, applies guidance and samples. The
+faster decoders of this package are tested against this one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from unitok.decoding.cfg import guide, uses_cfg
+from unitok.decoding.sampling import SamplingConfig, sample
+from unitok.model.modes import Layout
+
+
+@dataclass
+class VisualVocab:
+    """Where visual ids live in the model's vocabulary and which special starts an image."""
+
+    offset: int
+    size: int
+    boi_id: int
+
+
+@dataclass
+class DecodeResult:
+    tokens: torch.Tensor  # (B, N) visual token ids (0-based, canonical order)
+    forward_passes: int  # model calls for the whole batch (CFG rows ride in the same call)
+
+
+def _check_prefix(prefix_ids: torch.Tensor, layout: Layout, name: str) -> None:
+    if prefix_ids.dim() != 2 or prefix_ids.shape[1] != layout.prefix_len:
+        raise ValueError(f"{name} must be (B, {layout.prefix_len}), got shape {tuple(prefix_ids.shape)}")
+
+
+@torch.no_grad()
+def decode_blocks(
+    model,
+    layout: Layout,
+    prefix_ids: torch.Tensor,
+    visual: VisualVocab,
+    guidance_scale: float = 1.0,
+    null_prefix_ids: torch.Tensor | None = None,
+    sampling: SamplingConfig | None = None,
+    generator: torch.Generator | None = None,
+) -> DecodeResult:
+    """Generate ``layout.num_visual`` tokens for each row of ``prefix_ids`` (B, prefix_len).
+
+    With ``guidance_scale != 1`` the null condition ``null_prefix_ids`` ((1 or B, prefix_len)) runs in the same
+    batch. ``sampling`` defaults to plain sampling at temperature 1.
+    """
+    sampling = sampling or SamplingConfig()
+    _check_prefix(prefix_ids, layout, "prefix_ids")
+    batch = prefix_ids.shape[0]
+    cfg = uses_cfg(guidance_scale)
+    device = next(model.parameters()).device
+    ids = prefix_ids.to(device)
+    if cfg:
+        if null_prefix_ids is None:
+            raise ValueError("guidance_scale != 1 needs null_prefix_ids (the unconditional prefix)")
+        _check_prefix(null_prefix_ids, layout, "null_prefix_ids")
+        ids = torch.cat([ids, null_prefix_ids.to(device).expand(batch, -1)])
+    rows = ids.shape[0]
+    embed = model.get_input_embeddings()
+    start = embed.weight[visual.boi_id]
+    positions = layout.positions.to(device)[:, None]  # (3, 1, L)
+    cache = DynamicCache(config=model.config)
+    tokens = torch.empty(batch, 0, dtype=torch.long, device=device)
+    visual_embeds = torch.empty(rows, 0, start.shape[-1], dtype=start.dtype, device=device)
+    for block in range(layout.num_blocks):
+        begin, end = layout.step_range(block)
+        inputs = layout.step_inputs(block, visual_embeds, start)
+        if block == 0:
+            inputs = torch.cat([embed(ids), inputs], dim=1)
+        size = layout.block_starts[block + 1] - layout.block_starts[block]
+        out = model(
+            inputs_embeds=inputs,
+            position_ids=positions[..., begin:end],
+            attention_mask=layout.attention_mask(begin, end, rows).to(device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=size,
+        )
+        logits = out.logits[..., visual.offset : visual.offset + visual.size]  # (rows, size, V)
+        if cfg:
+            logits = guide(logits, guidance_scale)
+        new = sample(logits, sampling, generator)  # (B, size)
+        tokens = torch.cat([tokens, new], dim=1)
+        new_embeds = embed(new + visual.offset)
+        visual_embeds = torch.cat([visual_embeds, torch.cat([new_embeds] * (2 if cfg else 1))], dim=1)
+    return DecodeResult(tokens=tokens, forward_passes=layout.num_blocks)

@@ -1,0 +1,161 @@
+"""A generator folder: the transformer, its vocabulary, its visual spec and its tokenizer, saved and loaded as one.
+
+Layout of a saved generator (what ``UnitokPipeline.from_pretrained`` and the trainers read)::
+
+    config.json              UnitokConfig + "visual" (VisualSpec) + "vocabulary" (condition slot, class names)
+    model.safetensors        Llama-named weights
+    tokenizer.json           the text/condition tokenizer (HF tokenizers; AutoTokenizer loads it)
+    tokenizer_config.json
+    visual_tokenizer/        the unitok tokenizer (config.json + model.safetensors)
+
+``AutoModelForCausalLM.from_pretrained(folder)`` loads the transformer alone. Folders are written to a temporary
+sibling and renamed into place, so a failed save never leaves a half-written generator.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from unitok.model.configuration import UnitokConfig
+from unitok.model.modeling import UnitokForCausalLM
+from unitok.model.visual import VisualCodec, VisualSpec
+from unitok.model.vocab import UnitokVocabulary
+
+TOKENIZER_DIR = "visual_tokenizer"
+
+
+@dataclass
+class Generator:
+    model: UnitokForCausalLM
+    vocab: UnitokVocabulary
+    codec: VisualCodec
+
+    @property
+    def spec(self) -> VisualSpec:
+        return self.codec.spec
+
+    def layout(self):
+        return self.spec.layout(self.vocab.prefix_len)
+
+    @torch.no_grad()
+    def generate_tokens(
+        self,
+        conditions: list,
+        guidance_scale: float = 1.0,
+        sampling=None,
+        generator: torch.Generator | None = None,
+    ):
+        """Conditions (class indices, class names, prompts, or None) -> ``DecodeResult`` of (B, N) visual tokens."""
+        from unitok.decoding.block import VisualVocab, decode_blocks
+
+        vocab = self.vocab
+        visual = VisualVocab(vocab.visual_offset, vocab.num_visual_tokens, vocab.boi_id)
+        return decode_blocks(
+            self.model,
+            self.layout(),
+            vocab.prefix_ids(list(conditions)),
+            visual,
+            guidance_scale=guidance_scale,
+            null_prefix_ids=vocab.prefix_ids([None]),
+            sampling=sampling,
+            generator=generator,
+        )
+
+
+def check_pair(model: UnitokForCausalLM, vocab: UnitokVocabulary, codec: VisualCodec) -> None:
+    """A model, vocabulary and tokenizer fit together, or a ValueError saying which part does not."""
+    if vocab.num_visual_tokens != codec.codebook_size:
+        raise ValueError(
+            f"the tokenizer has {codec.codebook_size} codes but the generator was trained on "
+            f"{vocab.num_visual_tokens}: this tokenizer does not belong to this model"
+        )
+    if model.config.vocab_size < vocab.vocab_size:
+        raise ValueError(
+            f"the model's vocabulary ({model.config.vocab_size}) is smaller than text + visual ({vocab.vocab_size})"
+        )
+
+
+def save_generator(
+    path: str | Path,
+    generator: Generator,
+    extra_files: dict[str, str] | None = None,
+    weights_dtype: torch.dtype | None = None,
+) -> Path:
+    """Write ``generator`` to ``path`` atomically (replacing an existing folder only once the new one is complete).
+
+    ``weights_dtype=torch.float16`` halves the file (bundled checkpoints); loading upcasts to float32 again."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        model = generator.model
+        model.config.visual = generator.spec.to_dict()
+        model.config.vocabulary = generator.vocab.to_config()
+        model.config.bos_token_id = generator.vocab.bos_id
+        model.config.eos_token_id = generator.vocab.eoi_id
+        model.config.pad_token_id = generator.vocab.pad_id
+        state = None
+        if weights_dtype is not None:
+            state = {
+                k: v.detach().to(weights_dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()
+            }
+            if model.config.tie_word_embeddings:
+                state.pop("lm_head.weight", None)  # the cast copies lose the tie; store the shared matrix once
+        model.save_pretrained(tmp, state_dict=state)
+        generator.vocab.save(tmp)
+        generator.codec.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(path)
+    return path
+
+
+def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
+    """Load a generator folder with clear errors for missing, foreign, corrupt or mismatched parts."""
+    from safetensors import SafetensorError
+
+    from unitok.tokenizers import load_tokenizer
+
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no generator at {path}: {config_file} is missing")
+    try:
+        raw = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"corrupt generator config {config_file}: {err}") from err
+    if raw.get("model_type") != UnitokConfig.model_type:
+        raise ValueError(f"{path} holds a {raw.get('model_type')!r} model, not a unitok generator")
+    if "visual" not in raw or "vocabulary" not in raw:
+        raise ValueError(
+            f"{path} is a bare unitok transformer without 'visual'/'vocabulary' entries; save it with "
+            "unitok.model.pretrained.save_generator (the training scripts do)"
+        )
+    spec = VisualSpec.from_dict(raw["visual"])
+    vocab = UnitokVocabulary.load(path, raw["vocabulary"])
+    tokenizer = load_tokenizer(path / TOKENIZER_DIR)
+    try:
+        model = UnitokForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, RuntimeError, SafetensorError) as err:
+        raise ValueError(f"cannot load the generator weights in {path}: {err}") from err
+    codec = VisualCodec(tokenizer.to(device), spec)
+    check_pair(model, vocab, codec)
+    return Generator(model.to(device).eval(), vocab, codec)
