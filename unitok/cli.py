@@ -72,6 +72,9 @@ def _save_generations(out: Path) -> None:
     from unitok.bench.generation import CHECKPOINT_ROOT
     from unitok.pipeline import UnitokPipeline, image_grid, save_gif
 
+    if not any(CHECKPOINT_ROOT.glob("gen-*/config.json")):
+        print(f"no bundled generators in {CHECKPOINT_ROOT} (train one with scripts/train_ar.py)")
+        return
     pipe = UnitokPipeline.from_pretrained(CHECKPOINT_ROOT)
     for mode, video in pipe.available:
         names = pipe.class_names(mode, video)

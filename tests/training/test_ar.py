@@ -263,3 +263,36 @@ def test_script_rejects_an_unknown_mode(script, tokenizer_path, tmp_path, capsys
 def test_script_reports_a_missing_config_file(script, tmp_path, capsys):
     assert script.main(["--config", str(tmp_path / "nope.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def _write_folder(root: Path, classes: dict[str, int]) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    from unitok.data import load_fashion_mnist
+
+    test = load_fashion_mnist("test")
+    for k, (name, label) in enumerate(classes.items()):
+        folder = root / name
+        folder.mkdir(parents=True)
+        for i, idx in enumerate(np.flatnonzero(test.labels == label)[:6]):
+            Image.fromarray(test.images[idx]).resize((40, 40)).save(folder / f"{k}-{i}.png")  # any size: resized
+    return root
+
+
+def test_finetune_script_adds_new_classes(tmp_path, tokenizer_path):
+    spec = importlib.util.spec_from_file_location("finetune", SCRIPT.with_name("finetune.py"))
+    finetune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finetune)
+    base = tmp_path / "base"
+    train_ar({**tiny_cfg(tokenizer_path, tmp_path, max_steps=2), "export_dir": str(base)})
+    folder = _write_folder(tmp_path / "images", {"rain boot": 9, "tote": 8})
+    out = tmp_path / "tuned"
+    argv = ["--model", str(base), "--data", str(folder), "--output-dir", str(tmp_path / "ft"), "--export", str(out),
+            "--max-steps", "2", "--set", "eval.num_samples=4", "--set", "eval.batch_size=4",
+            "--set", f"cache_dir={tmp_path / 'cache'}", "--set", "train.batch_size=4", "--set", "train.threads=1"]
+    assert finetune.main(argv) == 0
+    tuned = load_generator(out)
+    assert tuned.vocab.class_names == ["rain boot", "tote"]
+    assert tuned.generate_tokens(["rain boot", "tote"], guidance_scale=2.0).tokens.shape == (2, 49)
+    assert finetune.main(["--model", str(tmp_path / "nothing"), "--data", str(folder)]) == 2
