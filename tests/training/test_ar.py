@@ -288,9 +288,28 @@ def test_finetune_script_adds_new_classes(tmp_path, tokenizer_path):
     train_ar({**tiny_cfg(tokenizer_path, tmp_path, max_steps=2), "export_dir": str(base)})
     folder = _write_folder(tmp_path / "images", {"rain boot": 9, "tote": 8})
     out = tmp_path / "tuned"
-    argv = ["--model", str(base), "--data", str(folder), "--output-dir", str(tmp_path / "ft"), "--export", str(out),
-            "--max-steps", "2", "--set", "eval.num_samples=4", "--set", "eval.batch_size=4",
-            "--set", f"cache_dir={tmp_path / 'cache'}", "--set", "train.batch_size=4", "--set", "train.threads=1"]
+    argv = [
+        "--model",
+        str(base),
+        "--data",
+        str(folder),
+        "--output-dir",
+        str(tmp_path / "ft"),
+        "--export",
+        str(out),
+        "--max-steps",
+        "2",
+        "--set",
+        "eval.num_samples=4",
+        "--set",
+        "eval.batch_size=4",
+        "--set",
+        f"cache_dir={tmp_path / 'cache'}",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "train.threads=1",
+    ]
     assert finetune.main(argv) == 0
     tuned = load_generator(out)
     assert tuned.vocab.class_names == ["rain boot", "tote"]

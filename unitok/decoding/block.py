@@ -15,17 +15,9 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from unitok.decoding.cfg import guide, uses_cfg
-from unitok.decoding.sampling import SamplingConfig, sample
+from unitok.decoding.sampling import SamplingConfig
+from unitok.model.heads import VisualVocab
 from unitok.model.modes import Layout
-
-
-@dataclass
-class VisualVocab:
-    """Where visual ids live in the model's vocabulary and which special starts an image."""
-
-    offset: int
-    size: int
-    boi_id: int
 
 
 @dataclass
@@ -68,7 +60,7 @@ def decode_blocks(
         ids = torch.cat([ids, null_prefix_ids.to(device).expand(batch, -1)])
     rows = ids.shape[0]
     embed = model.get_input_embeddings()
-    start = embed.weight[visual.boi_id]
+    start = visual.start(model)
     positions = layout.positions.to(device)[:, None]  # (3, 1, L)
     cache = DynamicCache(config=model.config)
     tokens = torch.empty(batch, 0, dtype=torch.long, device=device)
@@ -79,19 +71,19 @@ def decode_blocks(
         if block == 0:
             inputs = torch.cat([embed(ids), inputs], dim=1)
         size = layout.block_starts[block + 1] - layout.block_starts[block]
-        out = model(
+        scores = visual.scores(
+            model,
+            size,
             inputs_embeds=inputs,
             position_ids=positions[..., begin:end],
             attention_mask=layout.attention_mask(begin, end, rows).to(device),
             past_key_values=cache,
             use_cache=True,
-            logits_to_keep=size,
-        )
-        logits = out.logits[..., visual.offset : visual.offset + visual.size]  # (rows, size, V)
+        )  # (rows, size, V) or bitwise (rows, size, bits, 2)
         if cfg:
-            logits = guide(logits, guidance_scale)
-        new = sample(logits, sampling, generator)  # (B, size)
+            scores = guide(scores, guidance_scale)
+        new = visual.sample(scores, sampling, generator)  # (B, size)
         tokens = torch.cat([tokens, new], dim=1)
-        new_embeds = embed(new + visual.offset)
+        new_embeds = visual.embed(model, new)
         visual_embeds = torch.cat([visual_embeds, torch.cat([new_embeds] * (2 if cfg else 1))], dim=1)
     return DecodeResult(tokens=tokens, forward_passes=layout.num_blocks)

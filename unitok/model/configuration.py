@@ -2,8 +2,9 @@
 
 Every architecture field has Llama's name and meaning, so the same ``config.json`` + safetensors describe a model
 that ``LlamaForCausalLM`` (with ``mm_rope=False``) and vLLM's Llama layers can also build. Ours are ``mm_rope``
-(3-D (t, h, w) rotary positions instead of 1-D ones) and ``mm_rope_pattern`` (which axis each rotary frequency
-follows; see :mod:`unitok.model.mm_rope`).
+(3-D (t, h, w) rotary positions instead of 1-D ones), ``mm_rope_pattern`` (which axis each rotary frequency
+follows; see :mod:`unitok.model.mm_rope`) and ``visual_bits`` (Infinity's bitwise head: d binary logits and a
+linear bit embedding in place of 2^d vocabulary rows, for binary tokenizers).
 
 Written as a transformers-5 dataclass config (annotated fields, ``__post_init__``) like ``LlamaConfig``: fields are
 compared by ``==`` and serialised by ``to_dict``, and unknown keyword arguments are kept as attributes, so callers
@@ -67,6 +68,7 @@ class UnitokConfig(PretrainedConfig):
     mlp_bias: bool = False
     mm_rope: bool = True
     mm_rope_pattern: list[int] | None = None
+    visual_bits: int = 0  # > 0: Infinity-style bitwise visual head/input of this many bits (binary tokenizers)
 
     def __post_init__(self, **kwargs) -> None:
         if self.num_key_value_heads is None:
@@ -75,6 +77,12 @@ class UnitokConfig(PretrainedConfig):
             self.mm_rope_pattern = list(LUMOS_MM_ROPE_PATTERN)
         self.mm_rope_pattern = [int(axis) for axis in self.mm_rope_pattern]
         self._check_sizes()
+        if (
+            isinstance(self.visual_bits, bool)
+            or not isinstance(self.visual_bits, int)
+            or not 0 <= self.visual_bits <= 62
+        ):
+            raise ValueError(f"visual_bits must be an int in 0..62 (0 = no bitwise head), got {self.visual_bits!r}")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         self._check_rope()

@@ -71,6 +71,8 @@ class UnitokModel(UnitokPreTrainedModel):
         self.layers = nn.ModuleList([LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = UnitokRotaryEmbedding(config)
+        # Bitwise visual tokens (binary tokenizers, as Infinity): a token's d bits in {-1, +1} -> one embedding.
+        self.bit_embed = nn.Linear(config.visual_bits, config.hidden_size, bias=False) if config.visual_bits else None
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -232,7 +234,21 @@ class UnitokForCausalLM(UnitokPreTrainedModel, GenerationMixin):
         self.model = UnitokModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Bitwise head: one logit per bit of a visual token instead of a 2^d-way softmax (Infinity).
+        self.bit_head = nn.Linear(config.hidden_size, config.visual_bits, bias=False) if config.visual_bits else None
         self.post_init()
+
+    def embed_bits(self, bits: torch.Tensor) -> torch.Tensor:
+        """(..., visual_bits) in {0, 1} -> (..., hidden) input embeddings (bitwise models only)."""
+        if self.model.bit_embed is None:
+            raise ValueError("this model has no bitwise head (config.visual_bits = 0)")
+        return self.model.bit_embed(bits.to(self.model.bit_embed.weight.dtype) * 2 - 1)
+
+    def bit_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(..., hidden) final hidden states -> (..., visual_bits) logits of each bit being 1."""
+        if self.bit_head is None:
+            raise ValueError("this model has no bitwise head (config.visual_bits = 0)")
+        return self.bit_head(hidden_states)
 
     @can_return_tuple
     def forward(

@@ -42,6 +42,15 @@ class Generator:
     def layout(self):
         return self.spec.layout(self.vocab.prefix_len)
 
+    @property
+    def visual(self):
+        """The :class:`~unitok.model.heads.VisualVocab` head: vocabulary slice, or bitwise for ``visual_bits``."""
+        from unitok.model.heads import VisualVocab
+
+        vocab = self.vocab
+        bits = int(getattr(self.model.config, "visual_bits", 0) or 0)
+        return VisualVocab(vocab.visual_offset, vocab.num_visual_tokens, vocab.boi_id, bits)
+
     @torch.no_grad()
     def generate_tokens(
         self,
@@ -51,15 +60,14 @@ class Generator:
         generator: torch.Generator | None = None,
     ):
         """Conditions (class indices, class names, prompts, or None) -> ``DecodeResult`` of (B, N) visual tokens."""
-        from unitok.decoding.block import VisualVocab, decode_blocks
+        from unitok.decoding.block import decode_blocks
 
         vocab = self.vocab
-        visual = VisualVocab(vocab.visual_offset, vocab.num_visual_tokens, vocab.boi_id)
         return decode_blocks(
             self.model,
             self.layout(),
             vocab.prefix_ids(list(conditions)),
-            visual,
+            self.visual,
             guidance_scale=guidance_scale,
             null_prefix_ids=vocab.prefix_ids([None]),
             sampling=sampling,
@@ -74,6 +82,17 @@ def check_pair(model: UnitokForCausalLM, vocab: UnitokVocabulary, codec: VisualC
             f"the tokenizer has {codec.codebook_size} codes but the generator was trained on "
             f"{vocab.num_visual_tokens}: this tokenizer does not belong to this model"
         )
+    bits = int(getattr(model.config, "visual_bits", 0) or 0)
+    if bits:
+        if vocab.num_visual_tokens != 1 << bits:
+            raise ValueError(
+                f"a bitwise model over {bits} bits needs a {bits}-bit tokenizer, got {vocab.num_visual_tokens} codes"
+            )
+        if model.config.vocab_size < vocab.text_vocab_size:
+            raise ValueError(
+                f"the model's vocabulary ({model.config.vocab_size}) is smaller than its text ({vocab.text_vocab_size})"
+            )
+        return
     if model.config.vocab_size < vocab.vocab_size:
         raise ValueError(
             f"the model's vocabulary ({model.config.vocab_size}) is smaller than text + visual ({vocab.vocab_size})"

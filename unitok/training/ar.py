@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from unitok.model.configuration import UnitokConfig
@@ -43,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "init_from": None,
     "mode": "next-token",
     "block": "auto",
+    "head": "vocabulary",  # or "bitwise" (binary tokenizers: d binary logits per token, as Infinity)
     "data": {"source": "fashion_mnist", "split": "train"},
     "eval_data": {"source": "fashion_mnist", "split": "test"},
     "model": {
@@ -176,8 +176,19 @@ def build_generator(cfg: dict[str, Any], class_names: list[str], sample_shape: t
     cond_len = ccfg["cond_len"] or max(len(words_of([n])) for n in [*names, *prompts])
     vocab = UnitokVocabulary.build(prompts, codec.codebook_size, cond_len=cond_len, class_names=names)
     mcfg = {**DEFAULTS["model"], **(cfg.get("model") or {})}
+    head = cfg.get("head", "vocabulary")
+    if head not in ("vocabulary", "bitwise"):
+        raise ValueError(f"head must be 'vocabulary' or 'bitwise', got {head!r}")
+    bits = 0
+    if head == "bitwise":
+        bits = int(getattr(tokenizer, "bits", 0) or 0)
+        if not bits or codec.codebook_size != 1 << bits:
+            raise ValueError(
+                f"head: bitwise needs a binary tokenizer (LFQ/BSQ with one id per token); got {tokenizer.kind}"
+            )
     config = UnitokConfig(
-        vocab_size=vocab.vocab_size,
+        vocab_size=vocab.text_vocab_size if bits else vocab.vocab_size,
+        visual_bits=bits,
         max_position_embeddings=vocab.prefix_len + codec.spec.num_tokens + 64,
         tie_word_embeddings=True,
         bos_token_id=vocab.bos_id,
@@ -203,12 +214,15 @@ def extend_vocabulary(base: Generator, names: list[str], prompts: list[str], con
     model = base.model
     emb = model.get_input_embeddings().weight.data
     d = emb.shape[1]
-    new_emb = torch.empty(vocab.vocab_size, d)
+    bitwise = bool(getattr(model.config, "visual_bits", 0))  # bitwise: no visual rows in the vocabulary
+    size = vocab.text_vocab_size if bitwise else vocab.vocab_size
+    new_emb = torch.empty(size, d)
     new_emb[: old.text_vocab_size] = emb[: old.text_vocab_size]
     new_emb[old.text_vocab_size : vocab.text_vocab_size] = emb[: old.text_vocab_size].mean(0)
-    new_emb[vocab.visual_offset :] = emb[old.visual_offset : old.visual_offset + old.num_visual_tokens]
+    if not bitwise:
+        new_emb[vocab.visual_offset :] = emb[old.visual_offset : old.visual_offset + old.num_visual_tokens]
     config = copy.deepcopy(model.config)  # ``base`` keeps a config that matches its own weights
-    config.vocab_size = vocab.vocab_size
+    config.vocab_size = size
     config.max_position_embeddings = max(config.max_position_embeddings, vocab.prefix_len + base.spec.num_tokens + 64)
     fresh = UnitokForCausalLM(config)
     state = {k: v for k, v in model.state_dict().items() if "embed_tokens" not in k and "lm_head" not in k}
@@ -217,26 +231,28 @@ def extend_vocabulary(base: Generator, names: list[str], prompts: list[str], con
     if not config.tie_word_embeddings:
         head = model.lm_head.weight.data
         new_head = new_emb.clone()
-        new_head[vocab.visual_offset :] = head[old.visual_offset : old.visual_offset + old.num_visual_tokens]
+        new_head[: old.text_vocab_size] = head[: old.text_vocab_size]
+        if not bitwise:
+            new_head[vocab.visual_offset :] = head[old.visual_offset : old.visual_offset + old.num_visual_tokens]
         fresh.lm_head.weight.data.copy_(new_head)
     return Generator(fresh, vocab, base.codec)
 
 
 def ar_loss(gen: Generator, tokens: torch.Tensor, prefix_ids: torch.Tensor) -> torch.Tensor:
     """Teacher-forced cross-entropy of the visual slots over the visual vocabulary."""
-    model, vocab = gen.model, gen.vocab
+    model, visual = gen.model, gen.visual
     layout = gen.layout()
     embed = model.get_input_embeddings()
-    inputs = layout.inputs_embeds(embed(prefix_ids), embed(tokens + vocab.visual_offset), embed.weight[vocab.boi_id])
+    inputs = layout.inputs_embeds(embed(prefix_ids), visual.embed(model, tokens), visual.start(model))
     batch = tokens.shape[0]
-    out = model(
+    scores = visual.scores(
+        model,
+        layout.num_visual,
         inputs_embeds=inputs,
         position_ids=layout.positions[:, None].to(inputs.device),
         attention_mask=layout.attention_mask(0, layout.length, batch).to(inputs.device),
-        logits_to_keep=layout.num_visual,
     )
-    logits = out.logits[..., vocab.visual_offset : vocab.visual_offset + vocab.num_visual_tokens]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens.reshape(-1))
+    return visual.loss(scores, tokens)
 
 
 def evaluate_generator(gen: Generator, real: np.ndarray, ecfg: dict, seed: int = 0, grid_path: Path | None = None):
