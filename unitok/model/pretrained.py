@@ -6,6 +6,7 @@ Layout of a saved generator (what ``UnitokPipeline.from_pretrained`` and the tra
     model.safetensors        Llama-named weights
     tokenizer.json           the text/condition tokenizer (HF tokenizers; AutoTokenizer loads it)
     tokenizer_config.json
+    *_unitok.py              the model's source, so trust_remote_code loads it where unitok is not installed
     visual_tokenizer/        the unitok tokenizer (config.json + model.safetensors)
 
 ``AutoModelForCausalLM.from_pretrained(folder)`` loads the transformer alone. Folders are written to a temporary
@@ -23,6 +24,7 @@ import torch
 
 from unitok.model.configuration import UnitokConfig
 from unitok.model.modeling import UnitokForCausalLM
+from unitok.model.remote import export_remote_code
 from unitok.model.visual import VisualCodec, VisualSpec
 from unitok.model.vocab import UnitokVocabulary
 
@@ -128,6 +130,7 @@ def save_generator(
             if model.config.tie_word_embeddings:
                 state.pop("lm_head.weight", None)  # the cast copies lose the tie; store the shared matrix once
         model.save_pretrained(tmp, state_dict=state)
+        export_remote_code(tmp)  # AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True) without unitok
         generator.vocab.save(tmp)
         generator.codec.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
         for name, text in (extra_files or {}).items():
