@@ -1,0 +1,119 @@
+"""SJD: greedy equals greedy AR token for token; sampled outputs follow the AR distribution (chi-square over an
+enumerable output space), and a deliberately broken residual rule fails the same test."""
+
+import itertools
+
+import pytest
+import torch
+
+import unitok.decoding.sjd as sjd_module
+from unitok.decoding.block import decode_blocks
+from unitok.decoding.cfg import guide
+from unitok.decoding.sampling import SamplingConfig
+from unitok.decoding.sjd import decode_sjd
+from unitok.model import UnitokConfig, UnitokForCausalLM
+from unitok.model.heads import VisualVocab
+from unitok.model.modes import NextBlockMode, NextTokenMode, TokenGrid
+
+P, TEXT = 3, 10
+NULL = torch.tensor([[2, 6, 0]])
+GREEDY = SamplingConfig(temperature=0)
+
+
+def _model(codes: int, seed: int = 0, init: float = 0.5) -> UnitokForCausalLM:
+    torch.manual_seed(seed)
+    config = UnitokConfig(
+        vocab_size=TEXT + codes, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, attn_implementation="sdpa", initializer_range=init,
+    )
+    return UnitokForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("window", [1, 3, 16])
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_greedy_sjd_equals_greedy_ar(window, guidance):
+    codes = 16
+    model, visual = _model(codes), VisualVocab(offset=TEXT, size=codes, boi_id=4)
+    layout = NextTokenMode().layout(TokenGrid(1, 4, 5), P)
+    prefix = torch.tensor([[2, 7, 0], [2, 8, 9], [2, 6, 0]])
+    ar = decode_blocks(model, layout, prefix, visual, guidance, NULL, GREEDY)
+    out = decode_sjd(model, layout, prefix, visual, guidance, NULL, GREEDY, torch.Generator().manual_seed(1), window)
+    assert torch.equal(out.tokens, ar.tokens)
+    assert out.forward_passes <= ar.forward_passes
+
+
+def _exact_distribution(model, layout, visual, prefix, guidance, codes):
+    """Probability of every output sequence under the AR model (guided), by teacher-forced full forwards."""
+    outcomes = torch.tensor(list(itertools.product(range(codes), repeat=layout.num_visual)))  # (K, N)
+    k = len(outcomes)
+    embed = model.get_input_embeddings()
+    rows = [prefix.expand(k, -1), NULL.expand(k, -1)]
+    logps = []
+    for ids in rows:
+        inputs = layout.inputs_embeds(embed(ids), visual.embed(model, outcomes), visual.start(model))
+        out = model(inputs_embeds=inputs, position_ids=layout.positions[:, None],
+                    attention_mask=layout.attention_mask(0, layout.length, k))
+        logps.append(out.logits[:, P:, TEXT : TEXT + codes])
+    logits = guide(torch.cat(logps), guidance)
+    logp = torch.log_softmax(logits, -1).gather(-1, outcomes[..., None])[..., 0].sum(1)
+    return outcomes, logp.exp()
+
+
+def _chi_square_pvalue(samples: torch.Tensor, outcomes: torch.Tensor, probs: torch.Tensor, codes: int) -> float:
+    base = codes ** torch.arange(outcomes.shape[1] - 1, -1, -1)
+    counts = torch.bincount((samples * base).sum(1), minlength=len(outcomes)).double()
+    expected = probs.double() / probs.sum() * len(samples)
+    keep = expected >= 5  # merge rare cells into one, as the test requires
+    observed = torch.cat([counts[keep], counts[~keep].sum()[None]])
+    expect = torch.cat([expected[keep], expected[~keep].sum()[None]])
+    stat = float(((observed - expect) ** 2 / expect.clamp_min(1e-12)).sum())
+    dof = int(keep.sum())  # cells - 1 (+1 for the merged cell)
+    return float(torch.special.gammaincc(torch.tensor(dof / 2.0), torch.tensor(stat / 2.0)))
+
+
+def _sjd_samples(model, layout, visual, prefix, guidance, n, seed, window=3):
+    return decode_sjd(model, layout, prefix.expand(n, -1), visual, guidance, NULL, SamplingConfig(),
+                      torch.Generator().manual_seed(seed), window).tokens
+
+
+@pytest.fixture(scope="module")
+def tiny_case():
+    codes = 3
+    model = _model(codes, seed=3, init=0.6)
+    visual = VisualVocab(offset=TEXT, size=codes, boi_id=4)
+    layout = NextTokenMode().layout(TokenGrid(1, 1, 3), P)
+    prefix = torch.tensor([[2, 7, 0]])
+    with torch.no_grad():
+        outcomes, probs = _exact_distribution(model, layout, visual, prefix, 2.0, codes)
+    return model, visual, layout, prefix, outcomes, probs, codes
+
+
+def test_sjd_reproduces_the_ar_distribution(tiny_case):
+    model, visual, layout, prefix, outcomes, probs, codes = tiny_case
+    samples = _sjd_samples(model, layout, visual, prefix, 2.0, 20000, seed=0)
+    assert _chi_square_pvalue(samples, outcomes, probs, codes) > 0.01
+
+
+def test_a_broken_residual_rule_fails_the_same_test(tiny_case, monkeypatch):
+    model, visual, layout, prefix, outcomes, probs, codes = tiny_case
+
+    def resample_from_p(p, q, generator):  # the classic bug: ignore what the draft already covered
+        return torch.multinomial(p, 1, generator=generator)[:, 0]
+
+    monkeypatch.setattr(sjd_module, "_residual_sample", resample_from_p)
+    samples = _sjd_samples(model, layout, visual, prefix, 2.0, 20000, seed=0)
+    assert _chi_square_pvalue(samples, outcomes, probs, codes) < 0.01
+
+
+def test_sjd_bad_input():
+    codes = 8
+    model, visual = _model(codes), VisualVocab(offset=TEXT, size=codes, boi_id=4)
+    layout = NextTokenMode().layout(TokenGrid(1, 2, 2), P)
+    prefix = torch.tensor([[2, 7, 0]])
+    for window in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="window"):
+            decode_sjd(model, layout, prefix, visual, window=window)
+    with pytest.raises(ValueError, match="next-token"):
+        decode_sjd(model, NextBlockMode().layout(TokenGrid(1, 2, 2), P), prefix, visual)
+    with pytest.raises(ValueError, match="null_prefix_ids"):
+        decode_sjd(model, layout, prefix, visual, guidance_scale=2.0)
