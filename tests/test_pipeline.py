@@ -170,3 +170,15 @@ def test_bench_generation_json(tmp_path, checkpoints):
     assert block["forward_pass_reduction"] == 7
     video = result["video"]["next-block"]
     assert video["forward_passes_per_clip"] == 3 and "fd_motion" in video
+
+
+def test_pipeline_decoder_choice(checkpoints):
+    pipe = UnitokPipeline.from_pretrained(checkpoints)
+    greedy = {"temperature": 0.0, "seed": 0, "mode": "next-token"}
+    ar = pipe(["bag", "coat"], num_images=2, **greedy)
+    sjd = pipe(["bag", "coat"], num_images=2, decoder="sjd", window=8, **greedy)
+    assert torch.equal(ar.tokens, sjd.tokens) and sjd.forward_passes <= ar.forward_passes
+    with pytest.raises(ValueError, match="unknown decoder"):
+        pipe("bag", decoder="telepathy")
+    with pytest.raises(ValueError, match="next-token"):
+        pipe("bag", mode="next-block", decoder="sjd")

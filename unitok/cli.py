@@ -85,7 +85,7 @@ def _save_generations(out: Path) -> None:
             ]
             path = save_gif(frames, out / f"generated-video-{mode}.gif", scale=1)
             print(
-                f"wrote {path}: one clip per class, {result.forward_passes} forward passes per clip, "
+                f"wrote {path}: one clip per class, {result.forward_passes:g} forward passes per clip, "
                 f"{result.seconds:.1f} s"
             )
             continue
@@ -96,7 +96,7 @@ def _save_generations(out: Path) -> None:
         image_grid(result.images, ncol=per_class).save(path)
         print(
             f"wrote {path}: {per_class} samples per class (rows: {', '.join(names)}), {mode}, "
-            f"{result.forward_passes} forward passes per image, {result.seconds:.1f} s for {len(labels)} images"
+            f"{result.forward_passes:g} forward passes per image, {result.seconds:.1f} s for {len(labels)} images"
         )
 
 
@@ -164,16 +164,18 @@ def _cmd_generate(args: argparse.Namespace) -> None:
             top_k=args.top_k,
             top_p=args.top_p,
             video=video,
+            decoder=args.decoder,
+            **({"window": args.window} if args.decoder == "sjd" else {}),
         )
         slug = "".join(ch if ch.isalnum() else "_" for ch in str(prompt)).strip("_") or "prompt"
         if video:
             for i, frames in enumerate(result.videos):
                 path = save_gif(frames, out / f"{slug}-{i}.gif")
-                print(f"wrote {path} ({len(frames)} frames, {result.forward_passes} forward passes per clip)")
+                print(f"wrote {path} ({len(frames)} frames, {result.forward_passes:g} forward passes per clip)")
         else:
             rows.extend(result.images)
             print(
-                f"{prompt}: {args.num_images} images, {result.forward_passes} forward passes each, "
+                f"{prompt}: {args.num_images} images, {result.forward_passes:g} forward passes each, "
                 f"{result.seconds:.2f} s"
             )
     if rows:
@@ -215,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--decoder", choices=["block", "sjd"], default="block", help="decoding algorithm (default block)")
+    gen.add_argument("--window", type=int, default=16, help="sjd: draft tokens verified per forward (default 16)")
     gen.add_argument("--out", default="generated", help="output folder (default: generated)")
     gen.set_defaults(func=_cmd_generate)
 

@@ -34,7 +34,7 @@ class PipelineOutput:
     images: list[Image.Image] = field(default_factory=list)  # one per sample (images), empty for video
     videos: list[list[Image.Image]] = field(default_factory=list)  # frames per clip (video), empty for images
     tokens: torch.Tensor | None = None  # (num_images, N) visual token ids
-    forward_passes: int = 0  # per sample (per batch of samples: the same)
+    forward_passes: float = 0  # forward passes per sample (a batch's passes serve all its samples)
     seconds: float = 0.0
     mode: str = ""
 
@@ -101,9 +101,15 @@ class UnitokPipeline:
         top_p: float = 1.0,
         video: bool = False,
         batch_size: int = 64,
+        decoder: str = "block",
+        **decoder_options,
     ) -> PipelineOutput:
         """``prompt``: a class name, class index or prompt (one for all samples, or a list of ``num_images``);
-        None samples unconditionally. Returns PIL images (or clips of frames with ``video=True``)."""
+        None samples unconditionally. Returns PIL images (or clips of frames with ``video=True``). ``decoder``
+        names a decoding algorithm (:mod:`unitok.decoding`; e.g. "sjd" with ``window=16``)."""
+        from unitok.decoding import get_decoder
+
+        get_decoder(decoder)  # unknown names fail before any work
         if isinstance(num_images, bool) or not isinstance(num_images, int) or not 1 <= num_images <= MAX_IMAGES:
             raise ValueError(f"num_images must be an int in 1..{MAX_IMAGES}, got {num_images!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -121,11 +127,13 @@ class UnitokPipeline:
         gen.vocab.prefix_ids(conditions)  # validates every condition before any compute
         rng = torch.Generator().manual_seed(seed) if seed is not None else None
         start = time.perf_counter()
-        tokens, passes = [], 0
+        tokens, passes = [], 0.0
         for i in range(0, num_images, batch_size):
-            result = gen.generate_tokens(conditions[i : i + batch_size], guidance_scale, sampling, rng)
+            result = gen.generate_tokens(
+                conditions[i : i + batch_size], guidance_scale, sampling, rng, decoder, **decoder_options
+            )
             tokens.append(result.tokens)
-            passes = result.forward_passes
+            passes += result.forward_passes * len(result.tokens) / num_images  # per image, batch-weighted
         tokens_all = torch.cat(tokens)
         pixels = gen.codec.decode(tokens_all)
         out = PipelineOutput(

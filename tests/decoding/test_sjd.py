@@ -23,8 +23,15 @@ GREEDY = SamplingConfig(temperature=0)
 def _model(codes: int, seed: int = 0, init: float = 0.5) -> UnitokForCausalLM:
     torch.manual_seed(seed)
     config = UnitokConfig(
-        vocab_size=TEXT + codes, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, attn_implementation="sdpa", initializer_range=init,
+        vocab_size=TEXT + codes,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        attn_implementation="sdpa",
+        initializer_range=init,
     )
     return UnitokForCausalLM(config).eval()
 
@@ -51,8 +58,11 @@ def _exact_distribution(model, layout, visual, prefix, guidance, codes):
     logps = []
     for ids in rows:
         inputs = layout.inputs_embeds(embed(ids), visual.embed(model, outcomes), visual.start(model))
-        out = model(inputs_embeds=inputs, position_ids=layout.positions[:, None],
-                    attention_mask=layout.attention_mask(0, layout.length, k))
+        out = model(
+            inputs_embeds=inputs,
+            position_ids=layout.positions[:, None],
+            attention_mask=layout.attention_mask(0, layout.length, k),
+        )
         logps.append(out.logits[:, P:, TEXT : TEXT + codes])
     logits = guide(torch.cat(logps), guidance)
     logp = torch.log_softmax(logits, -1).gather(-1, outcomes[..., None])[..., 0].sum(1)
@@ -72,8 +82,17 @@ def _chi_square_pvalue(samples: torch.Tensor, outcomes: torch.Tensor, probs: tor
 
 
 def _sjd_samples(model, layout, visual, prefix, guidance, n, seed, window=3):
-    return decode_sjd(model, layout, prefix.expand(n, -1), visual, guidance, NULL, SamplingConfig(),
-                      torch.Generator().manual_seed(seed), window).tokens
+    return decode_sjd(
+        model,
+        layout,
+        prefix.expand(n, -1),
+        visual,
+        guidance,
+        NULL,
+        SamplingConfig(),
+        torch.Generator().manual_seed(seed),
+        window,
+    ).tokens
 
 
 @pytest.fixture(scope="module")

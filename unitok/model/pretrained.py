@@ -60,12 +60,16 @@ class Generator:
         guidance_scale: float = 1.0,
         sampling=None,
         generator: torch.Generator | None = None,
+        decoder: str = "block",
+        **decoder_options,
     ):
-        """Conditions (class indices, class names, prompts, or None) -> ``DecodeResult`` of (B, N) visual tokens."""
-        from unitok.decoding.block import decode_blocks
+        """Conditions (class indices, class names, prompts, or None) -> ``DecodeResult`` of (B, N) visual tokens,
+        decoded by the decoder registered as ``decoder`` (see :mod:`unitok.decoding`)."""
+        from unitok.decoding import get_decoder
 
+        decode = get_decoder(decoder)
         vocab = self.vocab
-        return decode_blocks(
+        return decode(
             self.model,
             self.layout(),
             vocab.prefix_ids(list(conditions)),
@@ -74,6 +78,7 @@ class Generator:
             null_prefix_ids=vocab.prefix_ids([None]),
             sampling=sampling,
             generator=generator,
+            **decoder_options,
         )
 
 
