@@ -182,3 +182,10 @@ def test_pipeline_decoder_choice(checkpoints):
         pipe("bag", decoder="telepathy")
     with pytest.raises(ValueError, match="next-token"):
         pipe("bag", mode="next-block", decoder="sjd")
+
+
+def test_pipeline_lossy_decoders_use_the_tokenizer_codes(checkpoints):
+    pipe = UnitokPipeline.from_pretrained(checkpoints)
+    for decoder, options in (("relaxed", {"delta": 0.1}), ("grouped", {"group_size": 3})):
+        out = pipe("bag", num_images=2, mode="next-token", decoder=decoder, seed=0, **options)
+        assert out.tokens.shape == (2, 49) and out.forward_passes <= 49

@@ -165,7 +165,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
             top_p=args.top_p,
             video=video,
             decoder=args.decoder,
-            **({"window": args.window} if args.decoder == "sjd" else {}),
+            **({"window": args.window} if args.decoder != "block" else {}),
         )
         slug = "".join(ch if ch.isalnum() else "_" for ch in str(prompt)).strip("_") or "prompt"
         if video:
@@ -217,7 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--decoder", choices=["block", "sjd"], default="block", help="decoding algorithm (default block)")
+    gen.add_argument(
+        "--decoder",
+        choices=["block", "sjd", "grouped", "relaxed"],
+        default="block",
+        help="decoding algorithm (default block)",
+    )
     gen.add_argument("--window", type=int, default=16, help="sjd: draft tokens verified per forward (default 16)")
     gen.add_argument("--out", default="generated", help="output folder (default: generated)")
     gen.set_defaults(func=_cmd_generate)

@@ -12,7 +12,10 @@ from collections.abc import Callable
 DECODER_MODULES: dict[str, str] = {
     "block": "unitok.decoding.block:decode_blocks",  # one forward per block of the mode (plain AR for next-token)
     "sjd": "unitok.decoding.sjd:decode_sjd",  # speculative Jacobi decoding, lossless (next-token)
+    "grouped": "unitok.decoding.relaxed:decode_grouped",  # GSD-style group acceptance, lossy, bounded
+    "relaxed": "unitok.decoding.relaxed:decode_relaxed",  # LANTERN-style latent-neighbour acceptance, delta-bounded
 }
+NEEDS_CODES = {"grouped", "relaxed"}  # decoders that read the tokenizer's code vectors
 
 
 def get_decoder(name: str) -> Callable:

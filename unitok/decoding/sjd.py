@@ -34,6 +34,18 @@ def check_window(window: int) -> int:
     return window
 
 
+class Acceptance:
+    """The verification rule: the probability of accepting each draft. Exact speculative sampling by default."""
+
+    lossless = True
+
+    def __call__(self, p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor) -> torch.Tensor:
+        """p, q: (B, W, V) target and draft distributions; draft: (B, W) -> (B, W) acceptance probabilities."""
+        p_draft = p.gather(-1, draft[..., None])[..., 0]
+        q_draft = q.gather(-1, draft[..., None])[..., 0]
+        return torch.where(q_draft > 0, p_draft / q_draft.clamp_min(1e-30), torch.ones_like(p_draft)).clamp(max=1)
+
+
 def _residual_sample(p: torch.Tensor, q: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """(B, V) -> (B,) samples of norm(max(0, p - q)) (p itself where p <= q everywhere, i.e. p == q)."""
     residual = (p - q).clamp_min(0)
@@ -53,10 +65,13 @@ def decode_sjd(
     sampling: SamplingConfig | None = None,
     generator: torch.Generator | None = None,
     window: int = 16,
+    acceptance: Acceptance | None = None,
 ) -> DecodeResult:
     """Generate ``layout.num_visual`` tokens per row of ``prefix_ids`` with SJD; same arguments as
-    :func:`unitok.decoding.block.decode_blocks` plus ``window`` (draft slots verified per forward)."""
+    :func:`unitok.decoding.block.decode_blocks` plus ``window`` (draft slots verified per forward) and
+    ``acceptance`` (the verification rule; the lossy relatives in :mod:`unitok.decoding.relaxed` swap it)."""
     sampling = sampling or SamplingConfig()
+    acceptance = acceptance or Acceptance()
     window = check_window(window)
     if layout.mode.name != "next-token":
         raise ValueError(
@@ -125,10 +140,11 @@ def decode_sjd(
         p = sampling.probs(scores)  # (B, W, V)
         draft = drafts.gather(1, pos)
         q_window = q[rows[:, None], pos]  # (B, W, V)
-        p_draft = p.gather(-1, draft[..., None])[..., 0]
-        q_draft = q_window.gather(-1, draft[..., None])[..., 0]
         r = torch.rand(batch, width, generator=generator).to(device)
-        accept = (r * q_draft < p_draft) & live  # r < min(1, p / q), without dividing by q = 0
+        if sampling.greedy and acceptance.lossless:  # exact ties: accept iff the draft is the argmax
+            accept = (p.gather(-1, draft[..., None])[..., 0] > 0) & live
+        else:
+            accept = (r < acceptance(p, q_window, draft)) & live
         run = accept.long().cumprod(1).sum(1)  # leading accepted drafts per row
         rejected = run < live.sum(1)  # a live slot was rejected at index ``run``
         at = run.clamp(max=width - 1)

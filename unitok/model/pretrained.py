@@ -67,7 +67,11 @@ class Generator:
         decoded by the decoder registered as ``decoder`` (see :mod:`unitok.decoding`)."""
         from unitok.decoding import get_decoder
 
+        from unitok.decoding import NEEDS_CODES
+
         decode = get_decoder(decoder)
+        if decoder in NEEDS_CODES and "codes" not in decoder_options:
+            decoder_options["codes"] = self.codec.code_table()
         vocab = self.vocab
         return decode(
             self.model,

@@ -118,6 +118,12 @@ class VisualCodec:
         return int(self.tokenizer.codebook_size)
 
     @torch.no_grad()
+    def code_table(self) -> torch.Tensor:
+        """(V, D) the quantizer's code vector of every token id (for latent-neighbour decoders)."""
+        ids = torch.arange(self.codebook_size, device=next(self.tokenizer.parameters()).device)
+        return self.tokenizer.quantizer.indices_to_codes(ids).reshape(self.codebook_size, -1).float()
+
+    @torch.no_grad()
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images or (B, T, C, H, W) clips in [-1, 1] -> (B, N) int64."""
         batch = pixel_values.shape[0]

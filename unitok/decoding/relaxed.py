@@ -1,0 +1,135 @@
+"""Lossy relatives of SJD that accept a draft when a *neighbourhood* of it is likely, not only the token itself.
+
+Visual tokens are redundant: neighbouring codes in the tokenizer's latent space decode to nearly the same patch, so
+a draft the model finds unlikely may have a likely neighbour. Both rules keep SJD's loop (window, Jacobi updates,
+residual resampling at the first rejection) and swap only the acceptance probability; neighbourhoods come from the
+tokenizer's own code vectors (``codes``, (V, D)).
+
+- ``relaxed`` (LANTERN's idea): the target mass of the draft is raised by the mass of its nearest codes, added in
+  order of latent distance while the added mass stays <= ``delta``; accept with ``min(1, p~(x) / q(x))``. ``delta``
+  bounds how far each step's distribution moves (total variation <= delta).
+- ``grouped`` (GSD's idea): the draft and its ``group_size - 1`` nearest codes that the model also finds plausible
+  (in the target's nucleus, ``group_top_p``) form a group G; accept with ``min(1, p(G) / q(G))``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from unitok.decoding.sjd import Acceptance, decode_sjd
+
+
+def code_neighbors(codes: torch.Tensor, k: int) -> torch.Tensor:
+    """(V, D) code vectors -> (V, k) ids of each code's k nearest codes (itself first), by L2 distance."""
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be (V, D), got shape {tuple(codes.shape)}")
+    k = min(int(k), codes.shape[0])
+    dist = torch.cdist(codes.float(), codes.float())
+    dist.fill_diagonal_(-1.0)  # itself first, whatever the ties
+    return dist.topk(k, largest=False).indices
+
+
+class RelaxedAcceptance(Acceptance):
+    lossless = False
+
+    def __init__(self, neighbors: torch.Tensor, delta: float):
+        self.neighbors = neighbors
+        self.delta = delta
+
+    def __call__(self, p, q, draft):
+        near = self.neighbors.to(draft.device)[draft]  # (B, W, k), the draft first
+        p_near = p.gather(-1, near)
+        extra = p_near[..., 1:]
+        added = (extra * (extra.cumsum(-1) <= self.delta)).sum(-1)
+        q_draft = q.gather(-1, draft[..., None])[..., 0]
+        p_tilde = p_near[..., 0] + added
+        return torch.where(q_draft > 0, p_tilde / q_draft.clamp_min(1e-30), torch.ones_like(q_draft)).clamp(max=1)
+
+
+class GroupedAcceptance(Acceptance):
+    lossless = False
+
+    def __init__(self, neighbors: torch.Tensor, top_p: float):
+        self.neighbors = neighbors
+        self.top_p = top_p
+
+    def __call__(self, p, q, draft):
+        near = self.neighbors.to(draft.device)[draft]  # (B, W, g)
+        sorted_p, order = p.sort(-1, descending=True)
+        in_nucleus_sorted = (sorted_p.cumsum(-1) - sorted_p) < self.top_p
+        nucleus = torch.zeros_like(p, dtype=torch.bool).scatter(-1, order, in_nucleus_sorted)
+        member = nucleus.gather(-1, near)
+        member[..., 0] = True  # the draft itself always counts
+        p_group = (p.gather(-1, near) * member).sum(-1)
+        q_group = (q.gather(-1, near) * member).sum(-1)
+        return torch.where(q_group > 0, p_group / q_group.clamp_min(1e-30), torch.ones_like(q_group)).clamp(max=1)
+
+
+def _check_codes(codes: torch.Tensor | None, size: int, name: str) -> torch.Tensor:
+    if codes is None:
+        raise ValueError(
+            f"the {name} decoder needs the tokenizer's code vectors (codes=(V, D)); the pipeline passes them"
+        )
+    if codes.dim() != 2 or codes.shape[0] != size:
+        raise ValueError(f"codes must be ({size}, D) for this model's {size} visual tokens, got {tuple(codes.shape)}")
+    return codes
+
+
+def decode_relaxed(
+    model,
+    layout,
+    prefix_ids,
+    visual,
+    *args,
+    codes=None,
+    delta: float = 0.2,
+    neighbors: int = 8,
+    window: int = 16,
+    **kwargs,
+):
+    """SJD with LANTERN-style relaxed acceptance (lossy; ``delta`` in [0, 1) bounds the relaxation)."""
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 <= delta < 1:
+        raise ValueError(f"delta must be in [0, 1) (0 = exact SJD), got {delta!r}")
+    if isinstance(neighbors, bool) or not isinstance(neighbors, int) or neighbors < 1:
+        raise ValueError(f"neighbors must be a positive int, got {neighbors!r}")
+    table = code_neighbors(_check_codes(codes, visual.size, "relaxed"), neighbors + 1)
+    return decode_sjd(
+        model,
+        layout,
+        prefix_ids,
+        visual,
+        *args,
+        window=window,
+        acceptance=RelaxedAcceptance(table, float(delta)),
+        **kwargs,
+    )
+
+
+def decode_grouped(
+    model,
+    layout,
+    prefix_ids,
+    visual,
+    *args,
+    codes=None,
+    group_size: int = 4,
+    group_top_p: float = 0.9,
+    window: int = 16,
+    **kwargs,
+):
+    """SJD with GSD-style grouped acceptance (lossy; groups of at most ``group_size`` nearby plausible codes)."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int (1 = exact SJD), got {group_size!r}")
+    if isinstance(group_top_p, bool) or not isinstance(group_top_p, (int, float)) or not 0 < group_top_p <= 1:
+        raise ValueError(f"group_top_p must be in (0, 1], got {group_top_p!r}")
+    table = code_neighbors(_check_codes(codes, visual.size, "grouped"), group_size)
+    return decode_sjd(
+        model,
+        layout,
+        prefix_ids,
+        visual,
+        *args,
+        window=window,
+        acceptance=GroupedAcceptance(table, float(group_top_p)),
+        **kwargs,
+    )
