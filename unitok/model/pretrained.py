@@ -65,9 +65,7 @@ class Generator:
     ):
         """Conditions (class indices, class names, prompts, or None) -> ``DecodeResult`` of (B, N) visual tokens,
         decoded by the decoder registered as ``decoder`` (see :mod:`unitok.decoding`)."""
-        from unitok.decoding import get_decoder
-
-        from unitok.decoding import NEEDS_CODES
+        from unitok.decoding import NEEDS_CODES, get_decoder
 
         decode = get_decoder(decoder)
         if decoder in NEEDS_CODES and "codes" not in decoder_options:
