@@ -189,3 +189,22 @@ def test_pipeline_lossy_decoders_use_the_tokenizer_codes(checkpoints):
     for decoder, options in (("relaxed", {"delta": 0.1}), ("grouped", {"group_size": 3})):
         out = pipe("bag", num_images=2, mode="next-token", decoder=decoder, seed=0, **options)
         assert out.tokens.shape == (2, 49) and out.forward_passes <= 49
+
+
+def test_pipeline_draft_decoder(checkpoints, tmp_path):
+    pipe = UnitokPipeline.from_pretrained(checkpoints)
+    greedy = {"temperature": 0.0, "seed": 0, "mode": "next-token"}
+    ar = pipe(["bag", "coat"], num_images=2, **greedy)
+    drafted = pipe(
+        ["bag", "coat"],
+        num_images=2,
+        decoder="draft",
+        draft_model=str(checkpoints / "gen-next-token"),
+        gamma=3,
+        **greedy,
+    )
+    assert torch.equal(ar.tokens, drafted.tokens)
+    with pytest.raises(ValueError, match="draft_model"):
+        pipe("bag", mode="next-token", decoder="draft")
+    with pytest.raises(ValueError, match="not trained on this model"):
+        pipe("bag", mode="next-token", decoder="draft", draft_model=str(checkpoints / "gen-next-block"))

@@ -165,7 +165,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
             top_p=args.top_p,
             video=video,
             decoder=args.decoder,
-            **({"window": args.window} if args.decoder != "block" else {}),
+            **_decoder_options(args),
         )
         slug = "".join(ch if ch.isalnum() else "_" for ch in str(prompt)).strip("_") or "prompt"
         if video:
@@ -182,6 +182,14 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         path = out / f"{gen.spec.mode}.png"
         image_grid(rows, ncol=args.num_images).save(path)
         print(f"wrote {path} (one row per prompt: {', '.join(map(str, prompts))})")
+
+
+def _decoder_options(args: argparse.Namespace) -> dict:
+    if args.decoder in ("sjd", "grouped", "relaxed"):
+        return {"window": args.window}
+    if args.decoder == "draft":
+        return {"draft_model": args.draft_model, "gamma": args.gamma}
+    return {}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="block",
         help="decoding algorithm (default block)",
     )
-    gen.add_argument("--window", type=int, default=16, help="sjd: draft tokens verified per forward (default 16)")
+    gen.add_argument("--window", type=int, default=16, help="sjd/grouped/relaxed: tokens verified per forward")
+    gen.add_argument("--draft-model", help="draft: a small generator folder trained on the same tokenizer")
+    gen.add_argument("--gamma", type=int, default=4, help="draft: tokens proposed per target forward (default 4)")
     gen.add_argument("--out", default="generated", help="output folder (default: generated)")
     gen.set_defaults(func=_cmd_generate)
 

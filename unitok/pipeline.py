@@ -86,6 +86,25 @@ class UnitokPipeline:
             gen = self._generators[key] = load_generator(gen, self.device)
         return gen
 
+    def _draft_model(self, gen: Generator, draft):
+        """The draft decoder's small model: a generator folder (path) or a loaded model; checked against ``gen``."""
+        if draft is None:
+            raise ValueError(
+                "decoder='draft' needs draft_model=PATH of a small generator trained on the same tokenizer"
+            )
+        if isinstance(draft, str | Path):
+            key = str(Path(draft).resolve())
+            cache = self.__dict__.setdefault("_drafts", {})
+            if key not in cache:
+                cache[key] = load_generator(draft, self.device)
+            drafter = cache[key]
+            if drafter.spec.to_dict() != gen.spec.to_dict() or not _same_vocabulary(drafter, gen):
+                raise ValueError(
+                    f"the draft generator {draft} was not trained on this model's tokenizer, layout and classes"
+                )
+            return drafter.model
+        return draft
+
     def class_names(self, mode: str | None = None, video: bool = False) -> list[str]:
         return list(self.generator(mode, video).vocab.class_names)
 
@@ -125,6 +144,8 @@ class UnitokPipeline:
             raise ValueError(f"got {len(conditions)} prompts for num_images={num_images}; pass one or num_images")
         gen = self.generator(mode, video)
         gen.vocab.prefix_ids(conditions)  # validates every condition before any compute
+        if decoder == "draft":
+            decoder_options["draft_model"] = self._draft_model(gen, decoder_options.get("draft_model"))
         rng = torch.Generator().manual_seed(seed) if seed is not None else None
         start = time.perf_counter()
         tokens, passes = [], 0.0
@@ -144,6 +165,10 @@ class UnitokPipeline:
         else:
             out.images = _to_pil(pixels)
         return out
+
+
+def _same_vocabulary(a: Generator, b: Generator) -> bool:
+    return a.vocab.tokenizer.get_vocab() == b.vocab.tokenizer.get_vocab() and a.vocab.cond_len == b.vocab.cond_len
 
 
 def image_grid(images: list[Image.Image], ncol: int, scale: int = 2) -> Image.Image:

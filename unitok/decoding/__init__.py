@@ -14,6 +14,7 @@ DECODER_MODULES: dict[str, str] = {
     "sjd": "unitok.decoding.sjd:decode_sjd",  # speculative Jacobi decoding, lossless (next-token)
     "grouped": "unitok.decoding.relaxed:decode_grouped",  # GSD-style group acceptance, lossy, bounded
     "relaxed": "unitok.decoding.relaxed:decode_relaxed",  # LANTERN-style latent-neighbour acceptance, delta-bounded
+    "draft": "unitok.decoding.draft:decode_draft",  # speculative decoding with a small draft model, lossless
 }
 NEEDS_CODES = {"grouped", "relaxed"}  # decoders that read the tokenizer's code vectors
 
