@@ -208,3 +208,31 @@ def test_pipeline_draft_decoder(checkpoints, tmp_path):
         pipe("bag", mode="next-token", decoder="draft")
     with pytest.raises(ValueError, match="not trained on this model"):
         pipe("bag", mode="next-token", decoder="draft", draft_model=str(checkpoints / "gen-next-block"))
+
+
+def test_bench_decoding_json(tmp_path, checkpoints):
+    import shutil
+
+    shutil.copytree(checkpoints / "gen-next-token", tmp_path / "gen-next-token")
+    shutil.copytree(checkpoints / "gen-next-token", tmp_path / "gen-draft")  # any same-vocabulary model drafts
+    path = tmp_path / "dec.json"
+    assert (
+        main(["bench", "decoding", "--checkpoints", str(tmp_path), "--n", "4", "--window", "8", "--dist-samples", "3000", "--json", str(path)])
+        == 0
+    )
+    result = json.loads(path.read_text())
+    assert result["baseline"]["forward_passes_per_image"] == 49
+    for table in (result, result["batch16"]):
+        assert set(table["methods"]) == {"sjd", "grouped", "relaxed", "draft"}
+        for entry in table["methods"].values():
+            assert {
+                "forward_passes_per_image",
+                "seconds_per_image",
+                "speedup_steps",
+                "speedup_wall",
+                "fd",
+                "lossless",
+            } <= set(entry)
+    assert result["methods"]["sjd"]["lossless"] and not result["methods"]["relaxed"]["lossless"]
+    assert result["methods"]["draft"]["speedup_steps"] > 1  # a draft identical to the target is always accepted
+    assert result["distribution_test"]["sjd_pvalue"] > 0.01 and result["distribution_test"]["draft_pvalue"] > 0.01

@@ -1,16 +1,14 @@
 """SJD: greedy equals greedy AR token for token; sampled outputs follow the AR distribution (chi-square over an
 enumerable output space), and a deliberately broken residual rule fails the same test."""
 
-import itertools
-
 import pytest
 import torch
 
 import unitok.decoding.sjd as sjd_module
 from unitok.decoding.block import decode_blocks
-from unitok.decoding.cfg import guide
 from unitok.decoding.sampling import SamplingConfig
 from unitok.decoding.sjd import decode_sjd
+from unitok.decoding.verify import chi_square_pvalue, distribution_pvalue, exact_distribution
 from unitok.model import UnitokConfig, UnitokForCausalLM
 from unitok.model.heads import VisualVocab
 from unitok.model.modes import NextBlockMode, NextTokenMode, TokenGrid
@@ -50,35 +48,10 @@ def test_greedy_sjd_equals_greedy_ar(window, guidance):
 
 
 def _exact_distribution(model, layout, visual, prefix, guidance, codes):
-    """Probability of every output sequence under the AR model (guided), by teacher-forced full forwards."""
-    outcomes = torch.tensor(list(itertools.product(range(codes), repeat=layout.num_visual)))  # (K, N)
-    k = len(outcomes)
-    embed = model.get_input_embeddings()
-    rows = [prefix.expand(k, -1), NULL.expand(k, -1)]
-    logps = []
-    for ids in rows:
-        inputs = layout.inputs_embeds(embed(ids), visual.embed(model, outcomes), visual.start(model))
-        out = model(
-            inputs_embeds=inputs,
-            position_ids=layout.positions[:, None],
-            attention_mask=layout.attention_mask(0, layout.length, k),
-        )
-        logps.append(out.logits[:, P:, TEXT : TEXT + codes])
-    logits = guide(torch.cat(logps), guidance)
-    logp = torch.log_softmax(logits, -1).gather(-1, outcomes[..., None])[..., 0].sum(1)
-    return outcomes, logp.exp()
+    return exact_distribution(model, layout, visual, prefix, NULL, guidance)
 
 
-def _chi_square_pvalue(samples: torch.Tensor, outcomes: torch.Tensor, probs: torch.Tensor, codes: int) -> float:
-    base = codes ** torch.arange(outcomes.shape[1] - 1, -1, -1)
-    counts = torch.bincount((samples * base).sum(1), minlength=len(outcomes)).double()
-    expected = probs.double() / probs.sum() * len(samples)
-    keep = expected >= 5  # merge rare cells into one, as the test requires
-    observed = torch.cat([counts[keep], counts[~keep].sum()[None]])
-    expect = torch.cat([expected[keep], expected[~keep].sum()[None]])
-    stat = float(((observed - expect) ** 2 / expect.clamp_min(1e-12)).sum())
-    dof = int(keep.sum())  # cells - 1 (+1 for the merged cell)
-    return float(torch.special.gammaincc(torch.tensor(dof / 2.0), torch.tensor(stat / 2.0)))
+_chi_square_pvalue = chi_square_pvalue
 
 
 def _sjd_samples(model, layout, visual, prefix, guidance, n, seed, window=3):
@@ -136,3 +109,7 @@ def test_sjd_bad_input():
         decode_sjd(model, NextBlockMode().layout(TokenGrid(1, 2, 2), P), prefix, visual)
     with pytest.raises(ValueError, match="null_prefix_ids"):
         decode_sjd(model, layout, prefix, visual, guidance_scale=2.0)
+
+
+def test_library_distribution_check_agrees():
+    assert distribution_pvalue(decode_sjd, samples=8000, window=3) > 0.01

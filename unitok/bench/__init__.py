@@ -51,4 +51,21 @@ SUITES: dict[str, Suite] = {
             "--checkpoints": {"default": None, "help": "folder holding gen-* generators (default: bundled)"},
         },
     ),
+    "decoding": Suite(
+        module="unitok.bench.decoding",
+        help="forward passes, wall time, FD of sjd/grouped/relaxed/draft vs plain AR on the bundled next-token model",
+        options={
+            "--n": {"type": int, "default": 500, "help": "class-balanced images per method (default 500)"},
+            "--guidance-scale": {"type": float, "default": 2.0},
+            "--window": {"type": int, "default": 16, "help": "sjd/grouped/relaxed window (default 16)"},
+            "--group-size": {"type": int, "default": 4, "help": "grouped: codes per group (default 4)"},
+            "--delta": {"type": float, "default": 0.2, "help": "relaxed: total-variation bound (default 0.2)"},
+            "--gamma": {"type": int, "default": 4, "help": "draft: tokens per target forward (default 4)"},
+            "--draft": {"default": None, "help": "draft generator folder (default: checkpoints/gen-draft)"},
+            "--threads": {"type": int, "default": None, "help": "torch threads (default: torch's)"},
+            "--dist-samples": {"type": int, "default": 20000, "help": "samples of the distribution test"},
+            "--seed": {"type": int, "default": 0},
+            "--checkpoints": {"default": None, "help": "folder holding gen-next-token (default: bundled)"},
+        },
+    ),
 }
