@@ -217,7 +217,22 @@ def test_bench_decoding_json(tmp_path, checkpoints):
     shutil.copytree(checkpoints / "gen-next-token", tmp_path / "gen-draft")  # any same-vocabulary model drafts
     path = tmp_path / "dec.json"
     assert (
-        main(["bench", "decoding", "--checkpoints", str(tmp_path), "--n", "4", "--window", "8", "--dist-samples", "3000", "--json", str(path)])
+        main(
+            [
+                "bench",
+                "decoding",
+                "--checkpoints",
+                str(tmp_path),
+                "--n",
+                "4",
+                "--window",
+                "8",
+                "--dist-samples",
+                "3000",
+                "--json",
+                str(path),
+            ]
+        )
         == 0
     )
     result = json.loads(path.read_text())

@@ -8,8 +8,7 @@ import unitok.decoding.sjd as sjd_module
 from unitok.decoding.block import decode_blocks
 from unitok.decoding.sampling import SamplingConfig
 from unitok.decoding.sjd import decode_sjd
-from unitok.decoding.verify import chi_square_pvalue, distribution_pvalue, exact_distribution
-from unitok.model import UnitokConfig, UnitokForCausalLM
+from unitok.decoding.verify import chi_square_pvalue, distribution_pvalue, exact_distribution, tiny_model
 from unitok.model.heads import VisualVocab
 from unitok.model.modes import NextBlockMode, NextTokenMode, TokenGrid
 
@@ -18,20 +17,8 @@ NULL = torch.tensor([[2, 6, 0]])
 GREEDY = SamplingConfig(temperature=0)
 
 
-def _model(codes: int, seed: int = 0, init: float = 0.5) -> UnitokForCausalLM:
-    torch.manual_seed(seed)
-    config = UnitokConfig(
-        vocab_size=TEXT + codes,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        attn_implementation="sdpa",
-        initializer_range=init,
-    )
-    return UnitokForCausalLM(config).eval()
+def _model(codes: int, seed: int = 0, init: float = 0.5):
+    return tiny_model(codes, seed, init)
 
 
 @pytest.mark.parametrize("window", [1, 3, 16])

@@ -31,6 +31,26 @@ def _check_prefix(prefix_ids: torch.Tensor, layout: Layout, name: str) -> None:
         raise ValueError(f"{name} must be (B, {layout.prefix_len}), got shape {tuple(prefix_ids.shape)}")
 
 
+def guided_prefix(
+    prefix_ids: torch.Tensor,
+    null_prefix_ids: torch.Tensor | None,
+    layout: Layout,
+    guidance_scale: float,
+    device: torch.device,
+) -> tuple[torch.Tensor, bool]:
+    """The prefix rows a decoder feeds: the B conditions, then (when guiding) B copies of the null condition; and
+    whether guidance is on. Every decoder checks its prefixes here."""
+    _check_prefix(prefix_ids, layout, "prefix_ids")
+    cfg = uses_cfg(guidance_scale)
+    ids = prefix_ids.to(device)
+    if cfg:
+        if null_prefix_ids is None:
+            raise ValueError("guidance_scale != 1 needs null_prefix_ids (the unconditional prefix)")
+        _check_prefix(null_prefix_ids, layout, "null_prefix_ids")
+        ids = torch.cat([ids, null_prefix_ids.to(device).expand(prefix_ids.shape[0], -1)])
+    return ids, cfg
+
+
 @torch.no_grad()
 def decode_blocks(
     model,
@@ -48,16 +68,9 @@ def decode_blocks(
     batch. ``sampling`` defaults to plain sampling at temperature 1.
     """
     sampling = sampling or SamplingConfig()
-    _check_prefix(prefix_ids, layout, "prefix_ids")
     batch = prefix_ids.shape[0]
-    cfg = uses_cfg(guidance_scale)
     device = next(model.parameters()).device
-    ids = prefix_ids.to(device)
-    if cfg:
-        if null_prefix_ids is None:
-            raise ValueError("guidance_scale != 1 needs null_prefix_ids (the unconditional prefix)")
-        _check_prefix(null_prefix_ids, layout, "null_prefix_ids")
-        ids = torch.cat([ids, null_prefix_ids.to(device).expand(batch, -1)])
+    ids, cfg = guided_prefix(prefix_ids, null_prefix_ids, layout, guidance_scale, device)
     rows = ids.shape[0]
     embed = model.get_input_embeddings()
     start = visual.start(model)

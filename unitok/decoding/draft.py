@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicCache
 
-from unitok.decoding.block import DecodeResult, _check_prefix
-from unitok.decoding.cfg import guide, uses_cfg
+from unitok.decoding.block import DecodeResult, guided_prefix
+from unitok.decoding.cfg import guide
 from unitok.decoding.sampling import SamplingConfig
 from unitok.decoding.sjd import Acceptance, _residual_sample
 from unitok.model.heads import VisualVocab
@@ -111,16 +111,9 @@ def decode_draft(
             f"the draft model's vocabulary ({draft_model.config.vocab_size}) differs from the target's "
             f"({model.config.vocab_size}); train the draft on the same tokenizer and classes"
         )
-    _check_prefix(prefix_ids, layout, "prefix_ids")
-    cfg = uses_cfg(guidance_scale)
     device = next(model.parameters()).device
     batch, n_tokens, size = prefix_ids.shape[0], layout.num_visual, visual.size
-    ids = prefix_ids.to(device)
-    if cfg:
-        if null_prefix_ids is None:
-            raise ValueError("guidance_scale != 1 needs null_prefix_ids (the unconditional prefix)")
-        _check_prefix(null_prefix_ids, layout, "null_prefix_ids")
-        ids = torch.cat([ids, null_prefix_ids.to(device).expand(batch, -1)])
+    ids, cfg = guided_prefix(prefix_ids, null_prefix_ids, layout, guidance_scale, device)
     pair = 2 if cfg else 1
     target = _Stream(model, layout, ids, visual, batch, pair)
     drafter = _Stream(draft_model, layout, ids, visual, batch, pair)

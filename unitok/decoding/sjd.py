@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicCache
 
-from unitok.decoding.block import DecodeResult, _check_prefix
-from unitok.decoding.cfg import guide, uses_cfg
+from unitok.decoding.block import DecodeResult, guided_prefix
+from unitok.decoding.cfg import guide
 from unitok.decoding.sampling import SamplingConfig
 from unitok.model.heads import VisualVocab
 from unitok.model.modes import Layout
@@ -80,16 +80,9 @@ def decode_sjd(
         )
     if visual.bits:
         raise ValueError("sjd needs a vocabulary head; this model has a bitwise head")
-    _check_prefix(prefix_ids, layout, "prefix_ids")
-    cfg = uses_cfg(guidance_scale)
     device = next(model.parameters()).device
     batch, n_tokens, size, plen = prefix_ids.shape[0], layout.num_visual, visual.size, layout.prefix_len
-    ids = prefix_ids.to(device)
-    if cfg:
-        if null_prefix_ids is None:
-            raise ValueError("guidance_scale != 1 needs null_prefix_ids (the unconditional prefix)")
-        _check_prefix(null_prefix_ids, layout, "null_prefix_ids")
-        ids = torch.cat([ids, null_prefix_ids.to(device).expand(batch, -1)])
+    ids, cfg = guided_prefix(prefix_ids, null_prefix_ids, layout, guidance_scale, device)
     pair = 2 if cfg else 1
     start = visual.start(model)
     positions = layout.positions.to(device)  # (3, L)

@@ -30,6 +30,7 @@ from unitok.tokenizers.losses import (
 )
 from unitok.training.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from unitok.training.data import StepSampler, load_arrays
+from unitok.training.schedule import lr_lambda
 
 DEFAULTS: dict[str, Any] = {
     "tokenizer": {"kind": "baseline", "config": {}},
@@ -110,16 +111,6 @@ def random_crop(arrays: np.ndarray, size: int, seed: int, step: int) -> np.ndarr
     ys = rng.integers(0, h - size + 1, len(arrays))
     xs = rng.integers(0, w - size + 1, len(arrays))
     return np.stack([a[..., y : y + size, x : x + size] for a, y, x in zip(arrays, ys, xs, strict=True)])
-
-
-def lr_lambda(warmup: int, total: int, min_ratio: float):
-    def fn(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return fn
 
 
 @torch.no_grad()

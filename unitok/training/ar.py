@@ -36,6 +36,7 @@ from unitok.model.visual import VisualCodec
 from unitok.model.vocab import UnitokVocabulary
 from unitok.training.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from unitok.training.data import StepSampler, load_arrays
+from unitok.training.schedule import lr_lambda
 
 DEFAULTS: dict[str, Any] = {
     "tokenizer": "checkpoints/tokenizer-baseline",
@@ -144,16 +145,6 @@ def pretokenize(codec: VisualCodec, data_spec: dict, cache_dir: str | Path, batc
         shutil.rmtree(path)
     tmp.rename(path)
     return tokens, torch.as_tensor(np.asarray(labels, dtype=np.int64))
-
-
-def lr_lambda(warmup: int, total: int, min_ratio: float):
-    def fn(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return fn
 
 
 def build_generator(cfg: dict[str, Any], class_names: list[str], sample_shape: tuple[int, ...]) -> Generator:
