@@ -79,7 +79,7 @@ def _save_generations(out: Path) -> None:
     for mode, video in pipe.available:
         names = pipe.class_names(mode, video)
         if video:
-            result = pipe(names, num_images=len(names), mode=mode, video=True, guidance_scale=2.0, seed=0)
+            result = pipe(names, num_images=len(names), mode=mode, video=True, seed=0)
             frames = [
                 image_grid([clip[t] for clip in result.videos], ncol=len(names)) for t in range(len(result.videos[0]))
             ]
@@ -91,7 +91,7 @@ def _save_generations(out: Path) -> None:
             continue
         per_class = 8
         labels = [c for c in range(len(names)) for _ in range(per_class)]
-        result = pipe(labels, num_images=len(labels), mode=mode, guidance_scale=2.0, seed=0)
+        result = pipe(labels, num_images=len(labels), mode=mode, seed=0)
         path = out / f"generated-{mode}.png"
         image_grid(result.images, ncol=per_class).save(path)
         print(
@@ -220,10 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", type=int, default=8, help="samples per prompt (default 8)")
     gen.add_argument("--mode", choices=["next-token", "next-scale", "next-block"], default=None)
     gen.add_argument("--video", action="store_true", help="use the video generator and write GIF clips")
-    gen.add_argument("--guidance-scale", type=float, default=2.0, help="classifier-free guidance (1 = off)")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--guidance-scale", type=float, help="classifier-free guidance (1 = off; default: the model's)")
+    gen.add_argument("--temperature", type=float, help="default: the model's recommended setting")
+    gen.add_argument("--top-k", type=int, help="default: the model's recommended setting")
+    gen.add_argument("--top-p", type=float, help="default: the model's recommended setting")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument(
         "--decoder",

@@ -113,19 +113,20 @@ class UnitokPipeline:
         prompt: str | int | list[str | int] | None,
         num_images: int = 1,
         mode: str | None = None,
-        guidance_scale: float = 2.0,
+        guidance_scale: float | None = None,
         seed: int | None = 0,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
         video: bool = False,
         batch_size: int = 64,
         decoder: str = "block",
         **decoder_options,
     ) -> PipelineOutput:
         """``prompt``: a class name, class index or prompt (one for all samples, or a list of ``num_images``);
-        None samples unconditionally. Returns PIL images (or clips of frames with ``video=True``). ``decoder``
-        names a decoding algorithm (:mod:`unitok.decoding`; e.g. "sjd" with ``window=16``)."""
+        None samples unconditionally. ``guidance_scale``, ``temperature``, ``top_k``, ``top_p`` default to the
+        generator's recommended settings (``config.json`` "generation"). Returns PIL images (or clips of frames
+        with ``video=True``). ``decoder`` names a decoding algorithm (:mod:`unitok.decoding`; e.g. "sjd" with ``window=16``)."""
         from unitok.decoding import get_decoder
 
         get_decoder(decoder)  # unknown names fail before any work
@@ -135,14 +136,19 @@ class UnitokPipeline:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if mode is not None and mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {sorted(MODES)}")
-        guidance_scale = check_guidance_scale(guidance_scale)
-        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+        gen = self.generator(mode, video)
+        defaults = gen.sampling_defaults()  # the generator's recommended settings fill what the caller left out
+        guidance_scale = check_guidance_scale(defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
+        sampling = SamplingConfig(
+            temperature=defaults["temperature"] if temperature is None else temperature,
+            top_k=defaults["top_k"] if top_k is None else top_k,
+            top_p=defaults["top_p"] if top_p is None else top_p,
+        )
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
         conditions = list(prompt) if isinstance(prompt, list | tuple) else [prompt] * num_images
         if len(conditions) != num_images:
             raise ValueError(f"got {len(conditions)} prompts for num_images={num_images}; pass one or num_images")
-        gen = self.generator(mode, video)
         gen.vocab.prefix_ids(conditions)  # validates every condition before any compute
         if decoder == "draft":
             decoder_options["draft_model"] = self._draft_model(gen, decoder_options.get("draft_model"))

@@ -45,7 +45,7 @@ SUITES: dict[str, Suite] = {
             "--n": {"type": int, "default": 2000, "help": "class-balanced samples per image mode (default 2000)"},
             "--num-real": {"type": int, "default": 5000, "help": "real Fashion-MNIST test images (default 5000)"},
             "--video-n": {"type": int, "default": 200, "help": "clips per video mode (default 200)"},
-            "--guidance-scale": {"type": float, "default": 2.0, "help": "classifier-free guidance (default 2.0)"},
+            "--guidance-scale": {"type": float, "default": None, "help": "override each generator's guidance"},
             "--batch-size": {"type": int, "default": 100, "help": "samples per batch (default 100)"},
             "--seed": {"type": int, "default": 0},
             "--checkpoints": {"default": None, "help": "folder holding gen-* generators (default: bundled)"},
@@ -56,7 +56,7 @@ SUITES: dict[str, Suite] = {
         help="forward passes, wall time, FD of sjd/grouped/relaxed/draft vs plain AR on the bundled next-token model",
         options={
             "--n": {"type": int, "default": 500, "help": "class-balanced images per method (default 500)"},
-            "--guidance-scale": {"type": float, "default": 2.0},
+            "--guidance-scale": {"type": float, "default": None, "help": "default: the generator's"},
             "--window": {"type": int, "default": 16, "help": "sjd/grouped/relaxed window (default 16)"},
             "--group-size": {"type": int, "default": 4, "help": "grouped: codes per group (default 4)"},
             "--delta": {"type": float, "default": 0.2, "help": "relaxed: total-variation bound (default 0.2)"},

@@ -42,7 +42,8 @@ def _run_batch_size(gen, methods, labels, batch_size, args, real) -> dict:
     tokens = {k: [] for k in names}
     seconds = dict.fromkeys(names, 0.0)
     passes = dict.fromkeys(names, 0.0)
-    sampling = SamplingConfig()
+    d = gen.sampling_defaults()
+    sampling = SamplingConfig(d["temperature"], d["top_k"], d["top_p"])
     for i in range(0, len(labels), batch_size):
         chunk = labels[i : i + batch_size]
         for name in names:  # interleaved: every method sees the same load and the same seed
@@ -88,6 +89,8 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads) if args.threads else None
     real = FeatureStats.from_images(np.asarray(load_fashion_mnist("test").images[:5000]))
     labels = balanced_labels(args.n, len(gen.vocab.class_names))
+    if args.guidance_scale is None:
+        args.guidance_scale = gen.sampling_defaults()["guidance_scale"]
     methods = _methods(args, draft_model)
     result: dict = {
         "checkpoint": str(root / "gen-next-token"),

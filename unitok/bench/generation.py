@@ -10,7 +10,8 @@ Video: ``--video-n`` clips per mode against as many real Moving Fashion-MNIST te
 and temporal consistency (see :mod:`unitok.eval.video`).
 
 Cost: forward passes per sample (one per block of the mode) and wall seconds per sample at batch ``--batch-size``
-(CFG rows ride in the same forward).
+(CFG rows ride in the same forward). Sampling uses each generator's recommended settings (``config.json``
+"generation": guidance, temperature, top-k, top-p); ``--guidance-scale`` overrides the guidance.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from unitok.decoding.sampling import SamplingConfig
 from unitok.eval.fd import FeatureStats, frechet_distance
 from unitok.eval.generation import image_scores, sample_balanced
 from unitok.model.pretrained import load_generator
@@ -38,8 +40,17 @@ def _real_test_clips(gen, n: int) -> np.ndarray:
     return clips.as_array(0, min(n, len(clips)))
 
 
+def _settings(gen, args) -> tuple[float, SamplingConfig, dict]:
+    """The generator's recommended sampling settings, with ``--guidance-scale`` overriding its guidance."""
+    d = gen.sampling_defaults()
+    if args.guidance_scale is not None:
+        d["guidance_scale"] = args.guidance_scale
+    return d["guidance_scale"], SamplingConfig(d["temperature"], d["top_k"], d["top_p"]), d
+
+
 def _images(gen, args, real_stats: FeatureStats, real_test: np.ndarray, path: Path) -> dict:
-    pixels, labels, timing = sample_balanced(gen, args.n, args.guidance_scale, args.batch_size, args.seed)
+    guidance, sampling, settings = _settings(gen, args)
+    pixels, labels, timing = sample_balanced(gen, args.n, guidance, args.batch_size, args.seed, sampling)
     scores = image_scores(pixels, labels, real_stats)
     x = torch.from_numpy(real_test).float()[:, None] / 127.5 - 1
     recon = torch.cat([gen.codec.decode(gen.codec.encode(x[i : i + 500])) for i in range(0, len(x), 500)])
@@ -56,12 +67,13 @@ def _images(gen, args, real_stats: FeatureStats, real_test: np.ndarray, path: Pa
 def _video(gen, args, path: Path) -> dict:
     from unitok.eval.video import video_metrics
 
-    pixels, labels, timing = sample_balanced(gen, args.video_n, args.guidance_scale, args.batch_size, args.seed)
+    guidance, sampling, settings = _settings(gen, args)
+    pixels, labels, timing = sample_balanced(gen, args.video_n, guidance, args.batch_size, args.seed, sampling)
     real = _real_test_clips(gen, args.video_n)
     scores = video_metrics(pixels[:, :, 0], torch.from_numpy(real))
     return {
         "checkpoint": str(path),
-        "guidance_scale": args.guidance_scale,
+        **settings,
         "fd": scores["fd_frames"],
         **scores,
         "forward_passes_per_clip": timing["forward_passes_per_image"],

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ from unitok.model.visual import VisualCodec, VisualSpec
 from unitok.model.vocab import UnitokVocabulary
 
 TOKENIZER_DIR = "visual_tokenizer"
+GENERATION_DEFAULTS = {"guidance_scale": 2.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
 
 
 @dataclass
@@ -37,9 +38,15 @@ class Generator:
     vocab: UnitokVocabulary
     codec: VisualCodec
 
+    generation: dict = field(default_factory=dict)  # recommended sampling settings (config.json "generation")
+
     @property
     def spec(self) -> VisualSpec:
         return self.codec.spec
+
+    def sampling_defaults(self) -> dict:
+        """guidance_scale, temperature, top_k, top_p this generator recommends (chosen by FD when it was bundled)."""
+        return {**GENERATION_DEFAULTS, **(self.generation or {})}
 
     def layout(self):
         return self.spec.layout(self.vocab.prefix_len)
@@ -126,6 +133,7 @@ def save_generator(
         model = generator.model
         model.config.visual = generator.spec.to_dict()
         model.config.vocabulary = generator.vocab.to_config()
+        model.config.generation = generator.sampling_defaults()
         model.config.bos_token_id = generator.vocab.bos_id
         model.config.eos_token_id = generator.vocab.eoi_id
         model.config.pad_token_id = generator.vocab.pad_id
@@ -187,4 +195,10 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Gene
         raise ValueError(f"cannot load the generator weights in {path}: {err}") from err
     codec = VisualCodec(tokenizer.to(device), spec)
     check_pair(model, vocab, codec)
-    return Generator(model.to(device).eval(), vocab, codec)
+    generation = raw.get("generation") or {}
+    unknown = set(generation) - set(GENERATION_DEFAULTS)
+    if unknown:
+        raise ValueError(
+            f"{config_file}: unknown generation settings {sorted(unknown)}; known: {sorted(GENERATION_DEFAULTS)}"
+        )
+    return Generator(model.to(device).eval(), vocab, codec, dict(generation))
