@@ -126,7 +126,8 @@ class UnitokPipeline:
         """``prompt``: a class name, class index or prompt (one for all samples, or a list of ``num_images``);
         None samples unconditionally. ``guidance_scale``, ``temperature``, ``top_k``, ``top_p`` default to the
         generator's recommended settings (``config.json`` "generation"). Returns PIL images (or clips of frames
-        with ``video=True``). ``decoder`` names a decoding algorithm (:mod:`unitok.decoding`; e.g. "sjd" with ``window=16``)."""
+        with ``video=True``). ``decoder`` names a decoding algorithm (:mod:`unitok.decoding`; e.g. "sjd" with
+        ``window=16``)."""
         from unitok.decoding import get_decoder
 
         get_decoder(decoder)  # unknown names fail before any work
