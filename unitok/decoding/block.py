@@ -81,6 +81,7 @@ def decode_blocks(
     for block in range(layout.num_blocks):
         begin, end = layout.step_range(block)
         inputs = layout.step_inputs(block, visual_embeds, start)
+        inputs = visual.add_block_embedding(model, inputs, torch.full((inputs.shape[1],), block, dtype=torch.long))
         if block == 0:
             inputs = torch.cat([embed(ids), inputs], dim=1)
         size = layout.block_starts[block + 1] - layout.block_starts[block]

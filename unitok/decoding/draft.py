@@ -104,6 +104,8 @@ def decode_draft(
         raise ValueError(f"gamma must be a positive int (draft tokens per target forward), got {gamma!r}")
     if layout.mode.name != "next-token":
         raise ValueError(f"the draft decoder speeds up next-token models, not {layout.mode.name}")
+    if getattr(model.model, "block_embed", None) is not None:
+        raise ValueError("this model uses block embeddings (next-scale style); decode it with the block decoder")
     if visual.bits:
         raise ValueError("the draft decoder needs a vocabulary head; this model has a bitwise head")
     if draft_model.config.vocab_size != model.config.vocab_size:

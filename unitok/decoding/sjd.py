@@ -78,6 +78,8 @@ def decode_sjd(
             f"sjd decodes next-token models; a {layout.mode.name} model already generates a block per forward "
             "(use the block decoder)"
         )
+    if getattr(model.model, "block_embed", None) is not None:
+        raise ValueError("this model uses block embeddings (next-scale style); decode it with the block decoder")
     if visual.bits:
         raise ValueError("sjd needs a vocabulary head; this model has a bitwise head")
     device = next(model.parameters()).device

@@ -69,6 +69,7 @@ class UnitokConfig(PretrainedConfig):
     mm_rope: bool = True
     mm_rope_pattern: list[int] | None = None
     visual_bits: int = 0  # > 0: Infinity-style bitwise visual head/input of this many bits (binary tokenizers)
+    num_block_embeddings: int = 0  # > 0: a learned embedding per generation block (VAR's level embedding)
 
     def __post_init__(self, **kwargs) -> None:
         if self.num_key_value_heads is None:
@@ -83,6 +84,12 @@ class UnitokConfig(PretrainedConfig):
             or not 0 <= self.visual_bits <= 62
         ):
             raise ValueError(f"visual_bits must be an int in 0..62 (0 = no bitwise head), got {self.visual_bits!r}")
+        if (
+            isinstance(self.num_block_embeddings, bool)
+            or not isinstance(self.num_block_embeddings, int)
+            or self.num_block_embeddings < 0
+        ):
+            raise ValueError(f"num_block_embeddings must be an int >= 0, got {self.num_block_embeddings!r}")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         self._check_rope()

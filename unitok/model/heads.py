@@ -45,6 +45,18 @@ class VisualVocab:
         shifts = torch.arange(self.bits, device=bits.device)
         return (bits.long() << shifts).sum(-1)
 
+    def add_block_embedding(self, model, inputs: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """``inputs`` (B, n, d) of visual slots + the embedding of each slot's block id ``blocks`` (n,), for models
+        with ``num_block_embeddings`` (else unchanged)."""
+        table = model.model.block_embed
+        if table is None:
+            return inputs
+        if int(blocks.max()) >= table.num_embeddings:
+            raise ValueError(
+                f"the model has {table.num_embeddings} block embeddings; this layout has {int(blocks.max()) + 1} blocks"
+            )
+        return inputs + table(blocks.to(inputs.device))
+
     def embed(self, model, tokens: torch.Tensor) -> torch.Tensor:
         """(B, N) visual token ids -> (B, N, hidden) input embeddings."""
         if self.bits:

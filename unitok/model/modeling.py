@@ -73,6 +73,10 @@ class UnitokModel(UnitokPreTrainedModel):
         self.rotary_emb = UnitokRotaryEmbedding(config)
         # Bitwise visual tokens (binary tokenizers, as Infinity): a token's d bits in {-1, +1} -> one embedding.
         self.bit_embed = nn.Linear(config.visual_bits, config.hidden_size, bias=False) if config.visual_bits else None
+        # Which block (scale, for next-scale) a visual slot belongs to, as VAR's level embedding: slots of different
+        # scales can share (t, h, w) coordinates, and this tells them apart.
+        n_blocks = config.num_block_embeddings
+        self.block_embed = nn.Embedding(n_blocks, config.hidden_size) if n_blocks else None
         self.gradient_checkpointing = False
         self.post_init()
 

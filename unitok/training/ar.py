@@ -167,6 +167,8 @@ def build_generator(cfg: dict[str, Any], class_names: list[str], sample_shape: t
     cond_len = ccfg["cond_len"] or max(len(words_of([n])) for n in [*names, *prompts])
     vocab = UnitokVocabulary.build(prompts, codec.codebook_size, cond_len=cond_len, class_names=names)
     mcfg = {**DEFAULTS["model"], **(cfg.get("model") or {})}
+    if mcfg.get("num_block_embeddings") == "auto":  # one per block of the layout (VAR's level embedding)
+        mcfg["num_block_embeddings"] = codec.spec.layout(vocab.prefix_len).num_blocks
     head = cfg.get("head", "vocabulary")
     if head not in ("vocabulary", "bitwise"):
         raise ValueError(f"head must be 'vocabulary' or 'bitwise', got {head!r}")
@@ -235,6 +237,9 @@ def ar_loss(gen: Generator, tokens: torch.Tensor, prefix_ids: torch.Tensor) -> t
     layout = gen.layout()
     embed = model.get_input_embeddings()
     inputs = layout.inputs_embeds(embed(prefix_ids), visual.embed(model, tokens), visual.start(model))
+    plen = layout.prefix_len
+    visual_inputs = visual.add_block_embedding(model, inputs[:, plen:], layout.block_ids[plen:])
+    inputs = torch.cat([inputs[:, :plen], visual_inputs], 1)
     batch = tokens.shape[0]
     scores = visual.scores(
         model,
