@@ -52,7 +52,7 @@ def _images(gen, args, real_stats: FeatureStats, real_test: np.ndarray, path: Pa
     guidance, sampling, settings = _settings(gen, args)
     pixels, labels, timing = sample_balanced(gen, args.n, guidance, args.batch_size, args.seed, sampling)
     scores = image_scores(pixels, labels, real_stats)
-    x = torch.from_numpy(real_test).float()[:, None] / 127.5 - 1
+    x = torch.from_numpy(np.array(real_test)).float()[:, None] / 127.5 - 1  # a writable copy
     recon = torch.cat([gen.codec.decode(gen.codec.encode(x[i : i + 500])) for i in range(0, len(x), 500)])
     tokenizer_fd = frechet_distance(FeatureStats.from_images((recon + 1) / 2), real_stats)
     return {
