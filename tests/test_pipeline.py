@@ -166,6 +166,7 @@ def test_bench_generation_json(tmp_path, checkpoints):
     token, block = result["modes"]["next-token"], result["modes"]["next-block"]
     for entry in (token, block):
         assert {"checkpoint", "fd", "class_acc", "forward_passes_per_image", "seconds_per_image"} <= set(entry)
+        assert entry["guidance_scale"] == 2.0 and entry["temperature"] == 1.0  # the generator's recommended settings
     assert token["forward_passes_per_image"] == 49 and block["forward_passes_per_image"] == 7
     assert block["forward_pass_reduction"] == 7
     video = result["video"]["next-block"]

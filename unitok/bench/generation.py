@@ -57,7 +57,7 @@ def _images(gen, args, real_stats: FeatureStats, real_test: np.ndarray, path: Pa
     tokenizer_fd = frechet_distance(FeatureStats.from_images((recon + 1) / 2), real_stats)
     return {
         "checkpoint": str(path),
-        "guidance_scale": args.guidance_scale,
+        **settings,
         **scores,
         "tokenizer_fd": tokenizer_fd,
         **timing,
