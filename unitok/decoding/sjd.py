@@ -106,7 +106,6 @@ def decode_sjd(
         prev = drafts.gather(1, (pos - 1).clamp(min=0))  # committed tokens are stored in ``drafts`` too
         inputs = torch.where((pos == 0)[..., None], start, visual.embed(model, prev))  # (B, W, d)
         slot_positions = positions[:, plen + pos.clamp(max=n_tokens - 1)]  # (3, B, W)
-        past = valid.shape[1]
         causal = slot[None, :] <= slot[:, None]  # (W, W)
         keys = torch.cat([valid[:, None, :].expand(-1, width, -1), causal[None].expand(batch, -1, -1)], dim=2)
         if passes == 0:
@@ -161,5 +160,4 @@ def decode_sjd(
         else:
             valid = torch.cat([valid, slot_valid], 1)
         committed = committed + torch.where(committed < n_tokens, newly, torch.zeros_like(newly))
-        assert valid.shape[1] == past + width + (plen if passes == 1 else 0)
     return DecodeResult(tokens=drafts[:, :n_tokens], forward_passes=passes)
