@@ -142,6 +142,18 @@ def test_cli_generate_writes_grid_and_gif(tmp_path, checkpoints, capsys):
     assert "never saw" in capsys.readouterr().err
 
 
+def test_cli_generate_with_a_speculative_decoder_and_a_guidance_schedule(tmp_path, checkpoints, capsys):
+    out = tmp_path / "out"
+    base = ["generate", "--model", str(checkpoints), "--mode", "next-token", "--prompt", "bag", "--out", str(out)]
+    schedule = ["--guidance-ramp", "linear", "--guidance-interval", "0.1", "0.9"]
+    assert main([*base, "--num-images", "2", "--decoder", "sjd", "--window", "4", "--init", "random", *schedule]) == 0
+    assert (out / "next-token.png").is_file()
+    assert main([*base, "--decoder", "relaxed", "--window", "0"]) == 2
+    assert "window must be a positive int" in capsys.readouterr().err
+    assert main([*base, "--guidance-interval", "0.9", "0.1"]) == 2
+    assert "guidance interval" in capsys.readouterr().err
+
+
 def test_bench_generation_json(tmp_path, checkpoints):
     path = tmp_path / "gen.json"
     args = [

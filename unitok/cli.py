@@ -165,6 +165,8 @@ def _cmd_generate(args: argparse.Namespace) -> None:
             top_p=args.top_p,
             video=video,
             decoder=args.decoder,
+            guidance_ramp=args.guidance_ramp,
+            guidance_interval=tuple(args.guidance_interval),
             **_decoder_options(args),
         )
         slug = "".join(ch if ch.isalnum() else "_" for ch in str(prompt)).strip("_") or "prompt"
@@ -185,11 +187,14 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
 
 def _decoder_options(args: argparse.Namespace) -> dict:
-    if args.decoder in ("sjd", "grouped", "relaxed"):
-        return {"window": args.window}
-    if args.decoder == "draft":
-        return {"draft_model": args.draft_model, "gamma": args.gamma}
-    return {}
+    """The options of the chosen decoder that were given on the command line (the rest keep their defaults)."""
+    names = {
+        "sjd": ("window", "init"),
+        "grouped": ("window", "init", "group_size"),
+        "relaxed": ("window", "init", "delta"),
+        "draft": ("draft_model", "gamma"),
+    }.get(args.decoder, ())
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,13 +232,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument(
         "--decoder",
-        choices=["block", "sjd", "grouped", "relaxed"],
+        choices=["block", "sjd", "grouped", "relaxed", "draft"],
         default="block",
-        help="decoding algorithm (default block)",
+        help="decoding algorithm (default block; see unitok/decoding/)",
     )
-    gen.add_argument("--window", type=int, default=16, help="sjd/grouped/relaxed: tokens verified per forward")
+    gen.add_argument("--guidance-ramp", choices=["constant", "linear"], default="constant", help="guidance schedule")
+    gen.add_argument(
+        "--guidance-interval",
+        nargs=2,
+        type=float,
+        default=(0.0, 1.0),
+        metavar=("LO", "HI"),
+        help="guide only tokens whose progress through the sample lies in [LO, HI] (default 0 1)",
+    )
+    gen.add_argument("--window", type=int, help="sjd/grouped/relaxed: tokens verified per forward")
+    gen.add_argument("--init", choices=["random", "spatial", "temporal"], help="sjd/grouped/relaxed: fresh drafts")
+    gen.add_argument("--delta", type=float, help="relaxed: total-variation bound of the relaxation")
+    gen.add_argument("--group-size", type=int, help="grouped: codes per acceptance group")
     gen.add_argument("--draft-model", help="draft: a small generator folder trained on the same tokenizer")
-    gen.add_argument("--gamma", type=int, default=4, help="draft: tokens proposed per target forward (default 4)")
+    gen.add_argument("--gamma", type=int, help="draft: tokens proposed per target forward (default 4)")
     gen.add_argument("--out", default="generated", help="output folder (default: generated)")
     gen.set_defaults(func=_cmd_generate)
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from unitok.decoding.cfg import check_guidance_scale
+from unitok.decoding.cfg import Guidance, check_guidance_scale
 from unitok.decoding.sampling import SamplingConfig
 from unitok.model.modes import MODES
 from unitok.model.pretrained import Generator, load_generator
@@ -121,13 +121,16 @@ class UnitokPipeline:
         video: bool = False,
         batch_size: int = 64,
         decoder: str = "block",
+        guidance_ramp: str = "constant",
+        guidance_interval: tuple[float, float] = (0.0, 1.0),
         **decoder_options,
     ) -> PipelineOutput:
         """``prompt``: a class name, class index or prompt (one for all samples, or a list of ``num_images``);
         None samples unconditionally. ``guidance_scale``, ``temperature``, ``top_k``, ``top_p`` default to the
         generator's recommended settings (``config.json`` "generation"). Returns PIL images (or clips of frames
         with ``video=True``). ``decoder`` names a decoding algorithm (:mod:`unitok.decoding`; e.g. "sjd" with
-        ``window=16``)."""
+        ``window=16``). ``guidance_ramp`` ("constant" or "linear") and ``guidance_interval`` ((lo, hi) fractions of
+        the sample's tokens) schedule the guidance (:class:`unitok.decoding.cfg.Guidance`)."""
         from unitok.decoding import get_decoder
 
         get_decoder(decoder)  # unknown names fail before any work
@@ -139,7 +142,11 @@ class UnitokPipeline:
             raise ValueError(f"unknown mode {mode!r}; choose one of {sorted(MODES)}")
         gen = self.generator(mode, video)
         defaults = gen.sampling_defaults()  # the generator's recommended settings fill what the caller left out
-        guidance_scale = check_guidance_scale(defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
+        guidance = Guidance(
+            check_guidance_scale(defaults["guidance_scale"] if guidance_scale is None else guidance_scale),
+            ramp=guidance_ramp,
+            interval=guidance_interval,
+        )
         sampling = SamplingConfig(
             temperature=defaults["temperature"] if temperature is None else temperature,
             top_k=defaults["top_k"] if top_k is None else top_k,
@@ -158,7 +165,7 @@ class UnitokPipeline:
         tokens, passes = [], 0.0
         for i in range(0, num_images, batch_size):
             result = gen.generate_tokens(
-                conditions[i : i + batch_size], guidance_scale, sampling, rng, decoder, **decoder_options
+                conditions[i : i + batch_size], guidance, sampling, rng, decoder, **decoder_options
             )
             tokens.append(result.tokens)
             passes += result.forward_passes * len(result.tokens) / num_images  # per image, batch-weighted

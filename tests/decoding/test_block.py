@@ -6,6 +6,7 @@ import torch
 
 from unitok.decoding.block import VisualVocab, decode_blocks
 from unitok.decoding.cfg import guide
+from unitok.decoding.engine import KVEngine
 from unitok.decoding.sampling import SamplingConfig, sample
 from unitok.model import UnitokConfig, UnitokForCausalLM
 from unitok.model.modes import NextBlockMode, NextScaleMode, NextTokenMode, TokenGrid
@@ -98,13 +99,16 @@ def test_seeded_sampling_equals_the_naive_loop_with_the_same_seed(model, layout)
     assert len(result.tokens.unique()) > 3
 
 
-def test_one_forward_per_block(model, layout):
+def test_one_forward_per_block(model, layout, monkeypatch):
     calls = []
-    handle = model.register_forward_hook(lambda module, args, out: calls.append(1))
-    try:
-        result = decode_blocks(model, layout, _prefix(2), VISUAL, guidance_scale=2.0, null_prefix_ids=NULL)
-    finally:
-        handle.remove()
+    forward = KVEngine.forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(KVEngine, "forward", counted)
+    result = decode_blocks(model, layout, _prefix(2), VISUAL, guidance_scale=2.0, null_prefix_ids=NULL)
     assert len(calls) == result.forward_passes == layout.num_blocks
 
 

@@ -6,6 +6,7 @@ import torch
 
 import unitok.decoding.sjd as sjd_module
 from unitok.decoding.block import decode_blocks
+from unitok.decoding.cfg import Guidance
 from unitok.decoding.sampling import SamplingConfig
 from unitok.decoding.sjd import decode_sjd
 from unitok.decoding.verify import chi_square_pvalue, distribution_pvalue, exact_distribution, tiny_model
@@ -100,3 +101,19 @@ def test_sjd_bad_input():
 
 def test_library_distribution_check_agrees():
     assert distribution_pvalue(decode_sjd, samples=8000, window=3) > 0.01
+
+
+@pytest.mark.parametrize("schedule", [Guidance(3.0, ramp="linear"), Guidance(3.0, interval=(0.3, 0.8))])
+def test_guidance_schedules_follow_the_reference_decoder(schedule):
+    codes = 16
+    model, visual = _model(codes), VisualVocab(offset=TEXT, size=codes, boi_id=4)
+    layout = NextTokenMode().layout(TokenGrid(1, 4, 5), P)
+    prefix = torch.tensor([[2, 7, 0], [2, 8, 9]])
+    ar = decode_blocks(model, layout, prefix, visual, schedule, NULL, GREEDY)
+    out = decode_sjd(model, layout, prefix, visual, schedule, NULL, GREEDY, torch.Generator().manual_seed(1), 4)
+    assert torch.equal(out.tokens, ar.tokens)
+    constant = decode_blocks(model, layout, prefix, visual, 3.0, NULL, GREEDY)
+    assert not torch.equal(ar.tokens, constant.tokens)  # the schedule changes what is generated
+    assert torch.equal(
+        constant.tokens, decode_blocks(model, layout, prefix, visual, Guidance(3.0), NULL, GREEDY).tokens
+    )

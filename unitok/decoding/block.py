@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import DynamicCache
-
-from unitok.decoding.cfg import guide, uses_cfg
+from unitok.decoding.cfg import Guidance, as_guidance, guide
+from unitok.decoding.engine import KVEngine
 from unitok.decoding.sampling import SamplingConfig
 from unitok.model.heads import VisualVocab
 from unitok.model.modes import Layout
@@ -35,13 +34,13 @@ def guided_prefix(
     prefix_ids: torch.Tensor,
     null_prefix_ids: torch.Tensor | None,
     layout: Layout,
-    guidance_scale: float,
+    guidance_scale: float | Guidance,
     device: torch.device,
 ) -> tuple[torch.Tensor, bool]:
     """The prefix rows a decoder feeds: the B conditions, then (when guiding) B copies of the null condition; and
     whether guidance is on. Every decoder checks its prefixes here."""
     _check_prefix(prefix_ids, layout, "prefix_ids")
-    cfg = uses_cfg(guidance_scale)
+    cfg = as_guidance(guidance_scale).active
     ids = prefix_ids.to(device)
     if cfg:
         if null_prefix_ids is None:
@@ -57,25 +56,27 @@ def decode_blocks(
     layout: Layout,
     prefix_ids: torch.Tensor,
     visual: VisualVocab,
-    guidance_scale: float = 1.0,
+    guidance_scale: float | Guidance = 1.0,
     null_prefix_ids: torch.Tensor | None = None,
     sampling: SamplingConfig | None = None,
     generator: torch.Generator | None = None,
 ) -> DecodeResult:
     """Generate ``layout.num_visual`` tokens for each row of ``prefix_ids`` (B, prefix_len).
 
-    With ``guidance_scale != 1`` the null condition ``null_prefix_ids`` ((1 or B, prefix_len)) runs in the same
+    ``guidance_scale`` is a float or a :class:`~unitok.decoding.cfg.Guidance` schedule (read at each block's
+    first token). With guidance the null condition ``null_prefix_ids`` ((1 or B, prefix_len)) runs in the same
     batch. ``sampling`` defaults to plain sampling at temperature 1.
     """
     sampling = sampling or SamplingConfig()
+    guidance = as_guidance(guidance_scale)
     batch = prefix_ids.shape[0]
     device = next(model.parameters()).device
     ids, cfg = guided_prefix(prefix_ids, null_prefix_ids, layout, guidance_scale, device)
     rows = ids.shape[0]
     embed = model.get_input_embeddings()
     start = visual.start(model)
-    positions = layout.positions.to(device)[:, None]  # (3, 1, L)
-    cache = DynamicCache(config=model.config)
+    mask = layout.mask.to(device)[None]  # (1, L, L)
+    engine = KVEngine(model, rows=rows, capacity=layout.length, positions=layout.positions)
     tokens = torch.empty(batch, 0, dtype=torch.long, device=device)
     visual_embeds = torch.empty(rows, 0, start.shape[-1], dtype=start.dtype, device=device)
     for block in range(layout.num_blocks):
@@ -85,17 +86,11 @@ def decode_blocks(
         if block == 0:
             inputs = torch.cat([embed(ids), inputs], dim=1)
         size = layout.block_starts[block + 1] - layout.block_starts[block]
-        scores = visual.scores(
-            model,
-            size,
-            inputs_embeds=inputs,
-            position_ids=positions[..., begin:end],
-            attention_mask=layout.attention_mask(begin, end, rows).to(device),
-            past_key_values=cache,
-            use_cache=True,
+        scores = engine.scores(
+            visual, inputs, slice(begin, end), (begin, end), mask[:, begin:end, :end], size
         )  # (rows, size, V) or bitwise (rows, size, bits, 2)
         if cfg:
-            scores = guide(scores, guidance_scale)
+            scores = guide(scores, guidance.at(torch.tensor(layout.block_starts[block] / layout.num_visual)))
         new = visual.sample(scores, sampling, generator)  # (B, size)
         tokens = torch.cat([tokens, new], dim=1)
         new_embeds = visual.embed(model, new)

@@ -20,8 +20,8 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from unitok.decoding.block import DecodeResult, guided_prefix
-from unitok.decoding.cfg import guide
-from unitok.decoding.sampling import SamplingConfig
+from unitok.decoding.cfg import Guidance, as_guidance, guide
+from unitok.decoding.sampling import SamplingConfig, draw
 from unitok.decoding.sjd import Acceptance, _residual_sample
 from unitok.model.heads import VisualVocab
 from unitok.model.modes import Layout
@@ -89,7 +89,7 @@ def decode_draft(
     layout: Layout,
     prefix_ids: torch.Tensor,
     visual: VisualVocab,
-    guidance_scale: float = 1.0,
+    guidance_scale: float | Guidance = 1.0,
     null_prefix_ids: torch.Tensor | None = None,
     sampling: SamplingConfig | None = None,
     generator: torch.Generator | None = None,
@@ -122,8 +122,10 @@ def decode_draft(
     acceptance = Acceptance()
     rows = torch.arange(batch, device=device)
 
-    def dist(scores):
-        return sampling.probs(guide(scores, guidance_scale) if cfg else scores)
+    guidance = as_guidance(guidance_scale)
+
+    def dist(scores, pos):  # pos: (B, W) visual positions of the scored slots (for guidance schedules)
+        return sampling.probs(guide(scores, guidance.at(pos[..., None] / n_tokens)) if cfg else scores)
 
     tokens = torch.zeros(batch, n_tokens + 1, dtype=torch.long, device=device)  # + a scratch column
     committed = torch.zeros(batch, dtype=torch.long, device=device)
@@ -149,16 +151,16 @@ def decode_draft(
                 scores = drafter.forward(here, prev)
                 drafter.commit(torch.ones(batch, 1, dtype=torch.bool, device=device))  # seen by later drafts
             draft_passes += 1
-            q[:, j] = dist(scores)[:, 0]
+            q[:, j] = dist(scores, here)[:, 0]
             if sampling.greedy:
                 drawn = q[:, j].argmax(-1)
             else:
-                drawn = torch.multinomial(q[:, j], 1, generator=generator)[:, 0]
+                drawn = draw(q[:, j], generator)
             old = tokens.gather(1, here)
             tokens.scatter_(1, here, torch.where(live[:, j : j + 1], drawn[:, None], old))
         # --- verify: one target forward over width + 1 slots
         prev = tokens.gather(1, (pos - 1).clamp(min=0))
-        p = dist(target.forward(pos, prev))  # (B, W + 1, V)
+        p = dist(target.forward(pos, prev), pos)  # (B, W + 1, V)
         passes += 1
         draft = tokens.gather(1, pos[:, :width])
         r = torch.rand(batch, width, generator=generator).to(device)

@@ -14,19 +14,40 @@ tokenizer's own code vectors (``codes``, (V, D)).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from unitok.decoding.sjd import Acceptance, decode_sjd
 
 
+# id(codes) -> (weak reference to codes, {(version, k): table}); tensors cannot key a WeakKeyDictionary (their
+# == is elementwise), so identity is checked through the reference, which also drops the entry with the tensor.
+_NEIGHBORS: dict[int, tuple[weakref.ref, dict]] = {}
+
+
 def code_neighbors(codes: torch.Tensor, k: int) -> torch.Tensor:
-    """(V, D) code vectors -> (V, k) ids of each code's k nearest codes (itself first), by L2 distance."""
+    """(V, D) code vectors -> (V, k) ids of each code's k nearest codes (itself first), by L2 distance.
+
+    A V x V distance matrix (19M entries for 4375 codes) costs more than decoding an image, so tables are cached
+    per codes tensor (and its version) for as long as that tensor lives."""
     if codes.dim() != 2:
         raise ValueError(f"codes must be (V, D), got shape {tuple(codes.shape)}")
     k = min(int(k), codes.shape[0])
-    dist = torch.cdist(codes.float(), codes.float())
-    dist.fill_diagonal_(-1.0)  # itself first, whatever the ties
-    return dist.topk(k, largest=False).indices
+    entry = _NEIGHBORS.get(id(codes))
+    if entry is None or entry[0]() is not codes:
+        key_id = id(codes)
+        entry = (weakref.ref(codes, lambda _: _NEIGHBORS.pop(key_id, None)), {})
+        _NEIGHBORS[key_id] = entry
+    tables = entry[1]
+    key = (codes._version, k)
+    if key not in tables:
+        dist = torch.cdist(codes.float(), codes.float())
+        dist.fill_diagonal_(-1.0)  # itself first, whatever the ties
+        for stale in [old for old in tables if old[0] != codes._version]:
+            del tables[stale]
+        tables[key] = dist.topk(k, largest=False).indices
+    return tables[key]
 
 
 class RelaxedAcceptance(Acceptance):

@@ -1,37 +1,58 @@
 """Speculative Jacobi Decoding (SJD, Teng et al. 2024) for next-token models: lossless, training-free, batched.
 
-Every position past the committed prefix holds a *draft* token and the distribution ``q`` it was drawn from (at
-first uniform random tokens). One iteration feeds a window of ``window`` slots after the committed prefix (slot j's
-input is the token before it: committed, or a draft) and gets the model's distribution ``p`` at each slot. Drafts
-are checked left to right: draft x at a slot is accepted with probability ``min(1, p(x) / q(x))``; at the first
-rejection a token is drawn from ``norm(max(0, p - q))`` (speculative sampling's residual), which commits at least one
-token per iteration and keeps every committed token an exact sample of the model. Slots after the rejection get new
-drafts sampled from their ``p`` (the Jacobi update, which is why later drafts improve), and keep that ``p`` as their
-``q``. Greedy decoding (temperature 0) accepts a draft exactly when it is the argmax, so it equals greedy AR.
+Every position past the committed prefix holds a *draft* token and the distribution ``q`` it was drawn from. One
+iteration feeds a window of ``window`` slots after the committed prefix (slot j's input is the token before it:
+committed, or a draft) and gets the model's distribution ``p`` at each slot. Drafts are checked left to right: draft
+x at a slot is accepted with probability ``min(1, p(x) / q(x))``; at the first rejection a token is drawn from
+``norm(max(0, p - q))`` (speculative sampling's residual), which commits at least one token per iteration and keeps
+every committed token an exact sample of the model. Slots after the rejection get new drafts sampled from their
+``p`` (the Jacobi update, which is why later drafts improve), and keep that ``p`` as their ``q``. Greedy decoding
+(temperature 0) accepts a draft exactly when it is the argmax, so it equals greedy AR.
 
-Batching without rollback: rows accept different numbers of tokens, so the KV cache is never cropped. Each iteration
-appends the window's keys for every row and a per-row validity mask records which cached slots were computed from
-committed inputs; later queries attend only to those (positions are explicit MM-RoPE coordinates, so the holes left
-by rejected drafts change nothing). Guidance runs the conditional and unconditional rows in the same forward; both
-rows of a pair share drafts and acceptance, so they stay aligned.
+Initialisation (``init``) of a slot entering the window for the first time: ``"random"`` (the paper's uniform random
+token, q uniform) or ``"spatial"`` (the token one grid row above, q one-hot on it; images are mostly flat, so the
+row above is a good guess) or ``"temporal"`` (video: the same position one frame earlier). Any rule that depends
+only on tokens known at drafting time keeps SJD exact, because acceptance divides by the q the draft came from.
+
+KV rollback, batched: the KV cache (:class:`unitok.decoding.engine.KVEngine`) holds each row's committed slots at
+``prefix + [0, committed)``; each iteration writes the window right after that row's commit point, so rejected
+slots are overwritten by the next iteration and rows that accepted different numbers of tokens stay in one batch.
+Guidance runs the conditional and unconditional rows in the same forward; both rows of a pair share drafts and
+acceptance, so they stay aligned.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DynamicCache
 
 from unitok.decoding.block import DecodeResult, guided_prefix
-from unitok.decoding.cfg import guide
-from unitok.decoding.sampling import SamplingConfig
+from unitok.decoding.cfg import Guidance, as_guidance, guide
+from unitok.decoding.engine import KVEngine
+from unitok.decoding.sampling import SamplingConfig, draw
 from unitok.model.heads import VisualVocab
 from unitok.model.modes import Layout
+
+INITS = ("random", "spatial", "temporal")
 
 
 def check_window(window: int) -> int:
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be a positive int (tokens verified per forward), got {window!r}")
     return window
+
+
+def init_offset(init: str, layout: Layout) -> int:
+    """How far back (in raster slots) a fresh draft copies its token from; 0 = random drafts."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    grid = layout.grid
+    if init == "spatial":
+        return grid.width if grid.height > 1 else 1
+    if init == "temporal":
+        if grid.frames < 2:
+            raise ValueError("init='temporal' needs video (more than one frame); use 'spatial' for images")
+        return grid.height * grid.width
+    return 0
 
 
 class Acceptance:
@@ -51,7 +72,7 @@ def _residual_sample(p: torch.Tensor, q: torch.Tensor, generator: torch.Generato
     residual = (p - q).clamp_min(0)
     total = residual.sum(-1, keepdim=True)
     residual = torch.where(total > 0, residual / total.clamp_min(1e-30), p)
-    return torch.multinomial(residual, 1, generator=generator)[:, 0]
+    return draw(residual, generator)
 
 
 @torch.no_grad()
@@ -60,17 +81,20 @@ def decode_sjd(
     layout: Layout,
     prefix_ids: torch.Tensor,
     visual: VisualVocab,
-    guidance_scale: float = 1.0,
+    guidance_scale: float | Guidance = 1.0,
     null_prefix_ids: torch.Tensor | None = None,
     sampling: SamplingConfig | None = None,
     generator: torch.Generator | None = None,
     window: int = 16,
     acceptance: Acceptance | None = None,
+    init: str = "spatial",
 ) -> DecodeResult:
     """Generate ``layout.num_visual`` tokens per row of ``prefix_ids`` with SJD; same arguments as
-    :func:`unitok.decoding.block.decode_blocks` plus ``window`` (draft slots verified per forward) and
-    ``acceptance`` (the verification rule; the lossy relatives in :mod:`unitok.decoding.relaxed` swap it)."""
+    :func:`unitok.decoding.block.decode_blocks` plus ``window`` (draft slots verified per forward), ``acceptance``
+    (the verification rule; the lossy relatives in :mod:`unitok.decoding.relaxed` swap it) and ``init`` (how fresh
+    drafts are initialised, see the module docstring)."""
     sampling = sampling or SamplingConfig()
+    guidance = as_guidance(guidance_scale)
     acceptance = acceptance or Acceptance()
     window = check_window(window)
     if layout.mode.name != "next-token":
@@ -82,82 +106,71 @@ def decode_sjd(
         raise ValueError("this model uses block embeddings (next-scale style); decode it with the block decoder")
     if visual.bits:
         raise ValueError("sjd needs a vocabulary head; this model has a bitwise head")
+    offset = init_offset(init, layout)
     device = next(model.parameters()).device
     batch, n_tokens, size, plen = prefix_ids.shape[0], layout.num_visual, visual.size, layout.prefix_len
     ids, cfg = guided_prefix(prefix_ids, null_prefix_ids, layout, guidance_scale, device)
     pair = 2 if cfg else 1
     start = visual.start(model)
-    positions = layout.positions.to(device)  # (3, L)
     rows = torch.arange(batch, device=device)
-
-    # One scratch column past the end: window slots beyond the last token read and write there, never on real ones.
+    # Slot n (one past the end) is scratch: finished rows' window slots read and write there, never on real ones.
+    engine = KVEngine(model, rows=pair * batch, capacity=plen + n_tokens + 1, positions=layout.positions)
     drafts = torch.randint(0, size, (batch, n_tokens + 1), generator=generator).to(device)
     q = torch.full((batch, n_tokens + 1, size), 1.0 / size, device=device)  # what each draft was drawn from
     committed = torch.zeros(batch, dtype=torch.long, device=device)
-    cache = DynamicCache(config=model.config)
-    valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)  # per row: cached slots usable as keys
+    fed = 0  # slots [0, fed) of every row have been drafted (fresh slots get ``init`` drafts on entering)
     passes = 0
+    # With one image, rows differ only by condition: per-row indices broadcast over the cond/uncond pair.
+    per_row = (lambda t: t) if batch == 1 else (lambda t: t.repeat(pair, *([1] * (t.dim() - 1))))
     while bool((committed < n_tokens).any()):
         width = int(min(window, int((n_tokens - committed).max())))
         slot = torch.arange(width, device=device)
         pos = committed[:, None] + slot  # (B, W) visual positions of the window's slots
         live = pos < n_tokens
-        pos = pos.clamp(max=n_tokens)  # finished rows' slots land on the scratch column
-        prev = drafts.gather(1, (pos - 1).clamp(min=0))  # committed tokens are stored in ``drafts`` too
-        inputs = torch.where((pos == 0)[..., None], start, visual.embed(model, prev))  # (B, W, d)
-        slot_positions = positions[:, plen + pos.clamp(max=n_tokens - 1)]  # (3, B, W)
-        causal = slot[None, :] <= slot[:, None]  # (W, W)
-        keys = torch.cat([valid[:, None, :].expand(-1, width, -1), causal[None].expand(batch, -1, -1)], dim=2)
-        if passes == 0:
-            prefix_mask = torch.ones(plen, plen, dtype=torch.bool, device=device).tril()
-            top = torch.cat([prefix_mask, torch.zeros(plen, width, dtype=torch.bool, device=device)], 1)
-            bottom = torch.cat([torch.ones(batch, width, plen, dtype=torch.bool, device=device), keys], 2)
-            keys = torch.cat([top[None].expand(batch, -1, -1), bottom], 1)
-            embed_ids = model.get_input_embeddings()(ids)
-            inputs = torch.cat([embed_ids, inputs.repeat(pair, 1, 1)], 1)
-            text = torch.arange(plen, dtype=positions.dtype, device=device)[None, None].expand(3, batch, -1)
-            slot_positions = torch.cat([text, slot_positions], 2)
+        pos = pos.clamp(max=n_tokens)  # slots past the end read and write the scratch column
+        reach = min(int(pos.max()) + 1, n_tokens)
+        if offset and reach > fed:  # fresh slots copy the token ``offset`` back (committed or drafted), in order
+            for s in range(max(fed, offset), reach):
+                drafts[:, s] = drafts[:, s - offset]
+                q[:, s] = torch.nn.functional.one_hot(drafts[:, s], size).to(q.dtype)
+        fed = max(fed, reach)
+        inputs = visual.embed(model, drafts.gather(1, (pos - 1).clamp(min=0)))  # committed tokens live in drafts
+        cache_slots = plen + pos  # (B, W): each row's window starts at its commit point (KV rollback)
+        slot_positions = cache_slots.clamp(max=plen + n_tokens - 1)  # indices into the layout's positions
+        keys = plen + int(pos.max()) + 1
+        mask = torch.arange(keys, device=device) <= cache_slots[..., None]  # (B, W, K): causal in cache order
+        if passes == 0:  # slot 0 reads BOI, and the prefix rides along with the first window
+            inputs = torch.where((pos == 0)[..., None], start, inputs)
+            inputs = torch.cat([model.get_input_embeddings()(ids), torch.cat([inputs] * pair)], 1)
+            text = torch.arange(plen, device=device).expand(batch, -1)
+            slot_positions = torch.cat([text, slot_positions], 1)
+            cache_slots = torch.cat([text, cache_slots], 1)
+            prefix_mask = torch.arange(keys, device=device) <= torch.arange(plen, device=device)[:, None]
+            mask = torch.cat([prefix_mask.expand(batch, -1, -1), mask], 1)
         else:
-            inputs = inputs.repeat(pair, 1, 1)
-        scores = visual.scores(
-            model,
-            width,
-            inputs_embeds=inputs,
-            position_ids=slot_positions.repeat(1, pair, 1),
-            attention_mask=keys[:, None].repeat(pair, 1, 1, 1),
-            past_key_values=cache,
-            use_cache=True,
-        )
+            inputs = torch.cat([inputs] * pair)
+        scores = engine.scores(visual, inputs, per_row(slot_positions), per_row(cache_slots), per_row(mask), width)
         passes += 1
         if cfg:
-            scores = guide(scores, guidance_scale)
+            scores = guide(scores, guidance.at(pos[..., None] / n_tokens))
         p = sampling.probs(scores)  # (B, W, V)
         draft = drafts.gather(1, pos)
         q_window = q[rows[:, None], pos]  # (B, W, V)
-        r = torch.rand(batch, width, generator=generator).to(device)
         if sampling.greedy and acceptance.lossless:  # exact ties: accept iff the draft is the argmax
             accept = (p.gather(-1, draft[..., None])[..., 0] > 0) & live
         else:
+            r = torch.rand(batch, width, generator=generator).to(device)
             accept = (r < acceptance(p, q_window, draft)) & live
         run = accept.long().cumprod(1).sum(1)  # leading accepted drafts per row
         rejected = run < live.sum(1)  # a live slot was rejected at index ``run``
+        # Accepted drafts stay; the Jacobi update gives every later slot a fresh draft from this pass's p (which
+        # becomes its q); the first rejected slot is resampled from the residual and commits.
+        jacobi = p.argmax(-1) if sampling.greedy else draw(p, generator)
+        new_tokens = torch.where(slot < run[:, None], draft, jacobi)
         at = run.clamp(max=width - 1)
         fix = _residual_sample(p[rows, at], q_window[rows, at], generator)
-        new_tokens = torch.where(rejected[:, None] & (slot[None] == run[:, None]), fix[:, None], draft)
-        newly = run + rejected.long()  # tokens committed this iteration (>= 1 for every unfinished row)
-        # Jacobi update: slots after the commit point get fresh drafts from this pass's p (their new q).
-        refresh = (slot[None] >= newly[:, None]) & live
-        jacobi = torch.multinomial(p.reshape(-1, size), 1, generator=generator).reshape(batch, width)
-        if sampling.greedy:
-            jacobi = p.argmax(-1)
-        new_tokens = torch.where(refresh, jacobi, new_tokens)
-        drafts.scatter_(1, pos, torch.where(live, new_tokens, draft))
-        q_new = torch.where(refresh[..., None], p, q_window)
-        q[rows[:, None], pos] = torch.where(live[..., None], q_new, q_window)
-        slot_valid = slot[None] < newly[:, None]  # their inputs were all committed tokens
-        if passes == 1:
-            valid = torch.cat([torch.ones(batch, plen, dtype=torch.bool, device=device), slot_valid], 1)
-        else:
-            valid = torch.cat([valid, slot_valid], 1)
-        committed = committed + torch.where(committed < n_tokens, newly, torch.zeros_like(newly))
+        new_tokens[rows, at] = torch.where(rejected, fix, new_tokens[rows, at])
+        drafts.scatter_(1, pos, new_tokens)
+        q[rows[:, None], pos] = p  # committed slots' q is never read again
+        committed += run + rejected.long()  # >= 1 for every unfinished row
     return DecodeResult(tokens=drafts[:, :n_tokens], forward_passes=passes)

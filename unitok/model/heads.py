@@ -65,12 +65,16 @@ class VisualVocab:
 
     def scores(self, model, keep: int, **forward_kwargs) -> torch.Tensor:
         """One forward; the scores of the last ``keep`` positions: (B, keep, size) or bitwise (B, keep, bits, 2)."""
+        hidden = model.model(**forward_kwargs).last_hidden_state[:, -keep:]
+        return self.head_scores(model, hidden)
+
+    def head_scores(self, model, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, n, hidden) final hidden states -> (B, n, size) visual logits (only the visual rows of ``lm_head``
+        are computed) or bitwise (B, n, bits, 2)."""
         if self.bits:
-            hidden = model.model(**forward_kwargs).last_hidden_state[:, -keep:]
-            logits = model.bit_logits(hidden).float()  # (B, keep, bits)
+            logits = model.bit_logits(hidden).float()  # (B, n, bits)
             return torch.stack([torch.zeros_like(logits), logits], dim=-1)
-        out = model(logits_to_keep=keep, **forward_kwargs)
-        return out.logits[..., self.offset : self.offset + self.size]
+        return F.linear(hidden, model.lm_head.weight[self.offset : self.offset + self.size])
 
     def sample(
         self, scores: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None

@@ -119,9 +119,15 @@ class VisualCodec:
 
     @torch.no_grad()
     def code_table(self) -> torch.Tensor:
-        """(V, D) the quantizer's code vector of every token id (for latent-neighbour decoders)."""
-        ids = torch.arange(self.codebook_size, device=next(self.tokenizer.parameters()).device)
-        return self.tokenizer.quantizer.indices_to_codes(ids).reshape(self.codebook_size, -1).float()
+        """(V, D) the quantizer's code vector of every token id (for latent-neighbour decoders). Computed once and
+        returned as the same tensor afterwards, so decoders can cache what they derive from it."""
+        table = self.__dict__.get("_code_table")
+        if table is None:
+            with torch.no_grad():
+                ids = torch.arange(self.codebook_size, device=next(self.tokenizer.parameters()).device)
+                table = self.tokenizer.quantizer.indices_to_codes(ids).reshape(self.codebook_size, -1).float()
+            self.__dict__["_code_table"] = table
+        return table
 
     @torch.no_grad()
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
