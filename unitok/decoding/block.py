@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from unitok.decoding.cfg import Guidance, as_guidance, guide
 from unitok.decoding.engine import KVEngine
 from unitok.decoding.sampling import SamplingConfig

@@ -28,7 +28,6 @@ import torch.nn.functional as F
 
 from unitok.model.heads import VisualVocab
 
-
 _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _PREPARED_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 

@@ -20,7 +20,6 @@ import torch
 
 from unitok.decoding.sjd import Acceptance, decode_sjd
 
-
 # id(codes) -> (weak reference to codes, {(version, k): table}); tensors cannot key a WeakKeyDictionary (their
 # == is elementwise), so identity is checked through the reference, which also drops the entry with the tensor.
 _NEIGHBORS: dict[int, tuple[weakref.ref, dict]] = {}
