@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument(
         "--decoder",
-        choices=["block", "sjd", "grouped", "relaxed", "draft"],
+        choices=["block", "sjd", "grouped", "relaxed", "draft", "hf"],
         default="block",
         help="decoding algorithm (default block; see unitok/decoding/)",
     )

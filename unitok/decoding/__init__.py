@@ -15,6 +15,7 @@ DECODER_MODULES: dict[str, str] = {
     "grouped": "unitok.decoding.relaxed:decode_grouped",  # GSD-style group acceptance, lossy, bounded
     "relaxed": "unitok.decoding.relaxed:decode_relaxed",  # LANTERN-style latent-neighbour acceptance, delta-bounded
     "draft": "unitok.decoding.draft:decode_draft",  # speculative decoding with a small draft model, lossless
+    "hf": "unitok.decoding.hf:decode_hf",  # transformers' model.generate + unitok's logits processors (next-token)
 }
 NEEDS_CODES = {"grouped", "relaxed"}  # decoders that read the tokenizer's code vectors
 

@@ -131,8 +131,8 @@ def decode_sjd(
         reach = min(int(pos.max()) + 1, n_tokens)
         if offset and reach > fed:  # fresh slots copy the token ``offset`` back (committed or drafted), in order
             for s in range(max(fed, offset), reach):
-                drafts[:, s] = drafts[:, s - offset]
-                q[:, s] = torch.nn.functional.one_hot(drafts[:, s], size).to(q.dtype)
+                q[:, s] = q[:, s - offset]
+                drafts[:, s] = draw(q[:, s], generator)
         fed = max(fed, reach)
         inputs = visual.embed(model, drafts.gather(1, (pos - 1).clamp(min=0)))  # committed tokens live in drafts
         cache_slots = plen + pos  # (B, W): each row's window starts at its commit point (KV rollback)

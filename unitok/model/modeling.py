@@ -242,6 +242,29 @@ class UnitokForCausalLM(UnitokPreTrainedModel, GenerationMixin):
         self.bit_head = nn.Linear(config.hidden_size, config.visual_bits, bias=False) if config.visual_bits else None
         self.post_init()
 
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.LongTensor, *args, visual_positions: torch.Tensor | None = None, **kwargs
+    ) -> dict:
+        """transformers' step inputs, plus MM-RoPE: with ``visual_positions`` (3, L), the positions of the whole
+        sequence (a generator's ``layout.positions``), each step's ``position_ids`` are read from it at the cache's
+        length, so ``generate`` decodes a next-token image (see :mod:`unitok.decoding.hf`)."""
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        if visual_positions is None:
+            return inputs
+        fed = inputs.get("input_ids")
+        fed = fed if fed is not None else inputs["inputs_embeds"]
+        batch, length = fed.shape[:2]
+        cache = inputs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        if visual_positions.dim() != 2 or visual_positions.shape[0] != 3 or past + length > visual_positions.shape[1]:
+            raise ValueError(
+                f"visual_positions must be (3, L) covering the {past + length} tokens generated so far, got shape "
+                f"{tuple(visual_positions.shape)}"
+            )
+        step = visual_positions[:, past : past + length].to(fed.device)
+        inputs["position_ids"] = step[:, None].expand(-1, batch, -1)
+        return inputs
+
     def embed_bits(self, bits: torch.Tensor) -> torch.Tensor:
         """(..., visual_bits) in {0, 1} -> (..., hidden) input embeddings (bitwise models only)."""
         if self.model.bit_embed is None:
