@@ -42,7 +42,7 @@ def _exact_distribution(model, layout, visual, prefix, guidance, codes):
 _chi_square_pvalue = chi_square_pvalue
 
 
-def _sjd_samples(model, layout, visual, prefix, guidance, n, seed, window=3):
+def _sjd_samples(model, layout, visual, prefix, guidance, n, seed, window=3, init="spatial"):
     return decode_sjd(
         model,
         layout,
@@ -53,6 +53,7 @@ def _sjd_samples(model, layout, visual, prefix, guidance, n, seed, window=3):
         SamplingConfig(),
         torch.Generator().manual_seed(seed),
         window,
+        init=init,
     ).tokens
 
 
@@ -68,9 +69,10 @@ def tiny_case():
     return model, visual, layout, prefix, outcomes, probs, codes
 
 
-def test_sjd_reproduces_the_ar_distribution(tiny_case):
+@pytest.mark.parametrize("init", ["spatial", "random"])
+def test_sjd_reproduces_the_ar_distribution(tiny_case, init):
     model, visual, layout, prefix, outcomes, probs, codes = tiny_case
-    samples = _sjd_samples(model, layout, visual, prefix, 2.0, 20000, seed=0)
+    samples = _sjd_samples(model, layout, visual, prefix, 2.0, 20000, seed=0, init=init)
     assert _chi_square_pvalue(samples, outcomes, probs, codes) > 0.01
 
 

@@ -6,10 +6,12 @@ probability ``min(1, p(x) / q(x))``; the first rejected slot is resampled from `
 are accepted a bonus token comes from the last slot's ``p``. Both models apply the same guidance (their cond and
 uncond rows ride in their own batches), so ``q`` is the guided draft distribution.
 
-As in :mod:`unitok.decoding.sjd`, neither KV cache is ever cropped: every forward appends keys for every row and a
-per-row validity mask marks the slots whose inputs were committed tokens; rows that accepted different numbers of
-tokens stay in one batch. ``forward_passes`` counts target forwards (the costly ones); ``draft_passes`` is reported
-beside it.
+Both models keep their keys in a :class:`~unitok.decoding.engine.KVEngine` with per-row KV rollback, as in
+:mod:`unitok.decoding.sjd`: slot s of a row lives at cache index ``prefix + s`` and every forward writes its slots
+there, so rows that accepted different numbers of tokens stay in one batch and rejected slots are overwritten. The
+first draft step of an iteration re-feeds the slot before the commit point: after a fully accepted iteration the
+draft model never saw it (re-feeding a slot it did see rewrites the same keys). ``forward_passes`` counts target
+forwards (the costly ones); ``draft_passes`` is reported beside it.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import DynamicCache
 
 from unitok.decoding.block import DecodeResult, guided_prefix
 from unitok.decoding.cfg import Guidance, as_guidance, guide
+from unitok.decoding.engine import KVEngine
 from unitok.decoding.sampling import SamplingConfig, draw
 from unitok.decoding.sjd import Acceptance, _residual_sample
 from unitok.model.heads import VisualVocab
@@ -33,54 +35,35 @@ class DraftDecodeResult(DecodeResult):
 
 
 class _Stream:
-    """One model's KV cache over a batch whose rows advance at different speeds (validity mask, no rollback)."""
+    """One model over a batch whose rows advance at different speeds (per-row KV rollback in a KVEngine)."""
 
     def __init__(self, model, layout: Layout, ids: torch.Tensor, visual: VisualVocab, batch: int, pair: int):
         self.model, self.layout, self.visual = model, layout, visual
         self.ids, self.batch, self.pair = ids, batch, pair
-        self.cache = DynamicCache(config=model.config)
-        self.valid: torch.Tensor | None = None  # (B, cached slots)
+        rows, capacity = pair * batch, layout.prefix_len + layout.num_visual + 1  # + the scratch slot
+        self.engine = KVEngine(model, rows=rows, capacity=capacity, positions=layout.positions)
         self.start = visual.start(model)
-        self.positions = layout.positions.to(ids.device)
+        self.started = False
 
-    def forward(self, pos: torch.Tensor, prev: torch.Tensor, slot_valid_hint: torch.Tensor | None = None):
-        """Feed slots at visual positions ``pos`` (B, W) whose inputs are tokens ``prev`` (B, W) (ignored where
-        pos == 0: BOI); slots are causal among themselves. Returns (B*pair, W, V) scores."""
-        batch, width = pos.shape
-        device, plen = pos.device, self.layout.prefix_len
-        n_vis = self.layout.num_visual
+    def forward(self, pos: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """Feed slots at visual positions ``pos`` (B, W) (``num_visual`` = scratch) whose inputs are tokens ``prev``
+        (B, W) (BOI where pos == 0); slots are causal among themselves. Returns (B * pair, W, V) scores."""
+        device, plen, n_vis = pos.device, self.layout.prefix_len, self.layout.num_visual
         inputs = torch.where((pos == 0)[..., None], self.start, self.visual.embed(self.model, prev))
-        slot_positions = self.positions[:, plen + pos.clamp(max=n_vis - 1)]
-        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-        if self.valid is None:
-            keys = causal[None].expand(batch, -1, -1)
-            prefix = torch.ones(plen, plen, dtype=torch.bool, device=device).tril()
-            top = torch.cat([prefix, torch.zeros(plen, width, dtype=torch.bool, device=device)], 1)
-            bottom = torch.cat([torch.ones(batch, width, plen, dtype=torch.bool, device=device), keys], 2)
-            keys = torch.cat([top[None].expand(batch, -1, -1), bottom], 1)
-            embeds = self.model.get_input_embeddings()(self.ids)
-            inputs = torch.cat([embeds, inputs.repeat(self.pair, 1, 1)], 1)
-            text = torch.arange(plen, dtype=slot_positions.dtype, device=device)[None, None].expand(3, batch, -1)
-            slot_positions = torch.cat([text, slot_positions], 2)
-            self.valid = torch.ones(batch, plen, dtype=torch.bool, device=device)
-        else:
-            keys = torch.cat([self.valid[:, None, :].expand(-1, width, -1), causal[None].expand(batch, -1, -1)], 2)
-            inputs = inputs.repeat(self.pair, 1, 1)
-        scores = self.visual.scores(
-            self.model,
-            width,
-            inputs_embeds=inputs,
-            position_ids=slot_positions.repeat(1, self.pair, 1),
-            attention_mask=keys[:, None].repeat(self.pair, 1, 1, 1),
-            past_key_values=self.cache,
-            use_cache=True,
-        )
-        self.pending = width
-        return scores
-
-    def commit(self, slot_valid: torch.Tensor) -> None:
-        """Mark which of the last forward's slots (B, W) may serve as keys from now on."""
-        self.valid = torch.cat([self.valid, slot_valid], 1)
+        cache_slots = plen + pos
+        positions = cache_slots.clamp(max=plen + n_vis - 1)
+        keys = plen + int(pos.max()) + 1
+        mask = torch.arange(keys, device=device) <= cache_slots[..., None]  # causal in cache order
+        inputs = torch.cat([inputs] * self.pair)
+        if not self.started:  # the prefix rides along with the first forward
+            self.started = True
+            inputs = torch.cat([self.model.get_input_embeddings()(self.ids), inputs], 1)
+            text = torch.arange(plen, device=device).expand(self.batch, -1)
+            positions, cache_slots = torch.cat([text, positions], 1), torch.cat([text, cache_slots], 1)
+            prefix_mask = torch.arange(keys, device=device) <= torch.arange(plen, device=device)[:, None]
+            mask = torch.cat([prefix_mask.expand(self.batch, -1, -1), mask], 1)
+        rows = (lambda t: t.repeat(self.pair, *([1] * (t.dim() - 1)))) if self.pair > 1 else (lambda t: t)
+        return self.engine.scores(self.visual, inputs, rows(positions), rows(cache_slots), rows(mask), pos.shape[1])
 
 
 @torch.no_grad()
@@ -121,7 +104,6 @@ def decode_draft(
     drafter = _Stream(draft_model, layout, ids, visual, batch, pair)
     acceptance = Acceptance()
     rows = torch.arange(batch, device=device)
-
     guidance = as_guidance(guidance_scale)
 
     def dist(scores, pos):  # pos: (B, W) visual positions of the scored slots (for guidance schedules)
@@ -129,58 +111,39 @@ def decode_draft(
 
     tokens = torch.zeros(batch, n_tokens + 1, dtype=torch.long, device=device)  # + a scratch column
     committed = torch.zeros(batch, dtype=torch.long, device=device)
-    draft_missing = torch.zeros(batch, dtype=torch.bool, device=device)  # draft KV of position committed-1 absent
     passes = draft_passes = 0
     while bool((committed < n_tokens).any()):
         width = int(min(gamma, int((n_tokens - committed).max())))
         slot = torch.arange(width + 1, device=device)
         pos = (committed[:, None] + slot).clamp(max=n_tokens)  # (B, W + 1): drafts at [:W], bonus slot at W
         live = committed[:, None] + slot < n_tokens
-        # --- draft: width tokens, one forward each (the first also fills a missing key from the last iteration)
+        # --- draft: width tokens, one forward each (the first also re-feeds the slot before the commit point)
         q = torch.zeros(batch, width, size, device=device)
         for j in range(width):
             here = pos[:, j : j + 1]
-            prev = tokens.gather(1, (here - 1).clamp(min=0))
-            if j == 0 and drafter.valid is not None and bool(draft_missing.any()):
-                back = (here - 1).clamp(min=0)
-                feed_pos = torch.cat([back, here], 1)
-                feed_prev = torch.cat([tokens.gather(1, (back - 1).clamp(min=0)), prev], 1)
-                scores = drafter.forward(feed_pos, feed_prev)[:, -1:]
-                drafter.commit(torch.stack([draft_missing, torch.ones_like(draft_missing)], 1))
-            else:
-                scores = drafter.forward(here, prev)
-                drafter.commit(torch.ones(batch, 1, dtype=torch.bool, device=device))  # seen by later drafts
+            feed = torch.cat([(here - 1).clamp(min=0), here], 1) if j == 0 and passes else here
+            scores = drafter.forward(feed, tokens.gather(1, (feed - 1).clamp(min=0)))[:, -1:]
             draft_passes += 1
             q[:, j] = dist(scores, here)[:, 0]
-            if sampling.greedy:
-                drawn = q[:, j].argmax(-1)
-            else:
-                drawn = draw(q[:, j], generator)
-            old = tokens.gather(1, here)
-            tokens.scatter_(1, here, torch.where(live[:, j : j + 1], drawn[:, None], old))
+            drawn = q[:, j].argmax(-1) if sampling.greedy else draw(q[:, j], generator)
+            tokens.scatter_(1, here, drawn[:, None])  # finished rows write the scratch column
         # --- verify: one target forward over width + 1 slots
-        prev = tokens.gather(1, (pos - 1).clamp(min=0))
-        p = dist(target.forward(pos, prev), pos)  # (B, W + 1, V)
+        p = dist(target.forward(pos, tokens.gather(1, (pos - 1).clamp(min=0))), pos)  # (B, W + 1, V)
         passes += 1
         draft = tokens.gather(1, pos[:, :width])
-        r = torch.rand(batch, width, generator=generator).to(device)
         if sampling.greedy:
             accept = (p[:, :width].gather(-1, draft[..., None])[..., 0] > 0) & live[:, :width]
         else:
+            r = torch.rand(batch, width, generator=generator).to(device)
             accept = (r < acceptance(p[:, :width], q, draft)) & live[:, :width]
         run = accept.long().cumprod(1).sum(1)  # accepted drafts per row
         at = run  # the slot that gets a fresh token: the first rejection, or the bonus slot W
         q_at = torch.cat([q, torch.zeros(batch, 1, size, device=device)], 1)[rows, at]
-        fresh = _residual_sample(p[rows, at], q_at, generator)  # q = 0 at the bonus slot: a plain sample of p
         if sampling.greedy:
             fresh = p[rows, at].argmax(-1)
+        else:
+            fresh = _residual_sample(p[rows, at], q_at, generator)  # q = 0 at the bonus slot: a plain sample of p
         fresh_live = live[rows, at]
-        keep = tokens.gather(1, pos[rows, at][:, None])[:, 0]
-        tokens.scatter_(1, pos[rows, at][:, None], torch.where(fresh_live, fresh, keep)[:, None])
-        newly = torch.where(committed < n_tokens, run + fresh_live.long(), torch.zeros_like(run))
-        target.commit(slot[None] < newly[:, None])
-        # draft keys: this iteration's draft slots [0, W) are valid where their inputs were committed
-        drafter.valid[:, -width:] = slot[None, :width] < newly[:, None]
-        draft_missing = newly > width  # all accepted + bonus: the draft never saw the slot of the last draft
-        committed = committed + newly
+        tokens.scatter_(1, pos[rows, at][:, None], fresh[:, None])
+        committed = committed + torch.where(fresh_live, run + 1, run)
     return DraftDecodeResult(tokens=tokens[:, :n_tokens], forward_passes=passes, draft_passes=draft_passes)

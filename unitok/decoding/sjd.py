@@ -85,7 +85,7 @@ def decode_sjd(
     null_prefix_ids: torch.Tensor | None = None,
     sampling: SamplingConfig | None = None,
     generator: torch.Generator | None = None,
-    window: int = 16,
+    window: int = 8,
     acceptance: Acceptance | None = None,
     init: str = "spatial",
 ) -> DecodeResult:
