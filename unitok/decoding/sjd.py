@@ -14,8 +14,9 @@ model). Greedy decoding (temperature 0) accepts a draft exactly when it is the a
 
 Initialisation (``init``) of a slot entering the window for the first time: ``"random"`` (the paper's uniform random
 token, q uniform), ``"spatial"`` (a sample of the distribution last computed for the token one grid row above,
-which becomes its q; images are locally similar) or ``"temporal"`` (video: the same position one frame earlier). Any rule that depends
-only on tokens known at drafting time keeps SJD exact, because acceptance divides by the q the draft came from.
+which becomes its q; images are locally similar) or ``"temporal"`` (video: the same position one frame earlier).
+Any rule that depends only on what is known at drafting time keeps SJD exact, because acceptance divides by the q
+the draft came from.
 
 KV rollback, batched: the KV cache (:class:`unitok.decoding.engine.KVEngine`) holds each row's committed slots at
 ``prefix + [0, committed)``; each iteration writes the window right after that row's commit point, so rejected
