@@ -240,6 +240,8 @@ def test_bench_decoding_json(tmp_path, checkpoints):
                 "4",
                 "--window",
                 "8",
+                "--lossy-window",
+                "6",
                 "--dist-samples",
                 "3000",
                 "--json",
@@ -262,5 +264,6 @@ def test_bench_decoding_json(tmp_path, checkpoints):
                 "lossless",
             } <= set(entry)
     assert result["methods"]["sjd"]["lossless"] and not result["methods"]["relaxed"]["lossless"]
+    assert result["methods"]["sjd"]["options"]["window"] == 8 and result["methods"]["relaxed"]["options"]["window"] == 6
     assert result["methods"]["draft"]["speedup_steps"] > 1  # a draft identical to the target is always accepted
     assert result["distribution_test"]["sjd_pvalue"] > 0.01 and result["distribution_test"]["draft_pvalue"] > 0.01

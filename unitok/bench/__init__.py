@@ -57,7 +57,8 @@ SUITES: dict[str, Suite] = {
         options={
             "--n": {"type": int, "default": 500, "help": "class-balanced images per method (default 500)"},
             "--guidance-scale": {"type": float, "default": None, "help": "default: the generator's"},
-            "--window": {"type": int, "default": 8, "help": "sjd/grouped/relaxed window (default 8)"},
+            "--window": {"type": int, "default": 8, "help": "sjd window (default 8)"},
+            "--lossy-window": {"type": int, "default": 12, "help": "grouped/relaxed window (default 12)"},
             "--group-size": {"type": int, "default": 8, "help": "grouped: codes per group (default 8)"},
             "--delta": {"type": float, "default": 0.2, "help": "relaxed: total-variation bound (default 0.2)"},
             "--gamma": {"type": int, "default": 4, "help": "draft: tokens per target forward (default 4)"},

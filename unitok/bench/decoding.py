@@ -29,8 +29,8 @@ LOSSLESS = {"sjd": True, "draft": True, "grouped": False, "relaxed": False}
 def _methods(args, draft_model) -> dict[str, dict]:
     methods = {
         "sjd": {"window": args.window},
-        "grouped": {"window": args.window, "group_size": args.group_size},
-        "relaxed": {"window": args.window, "delta": args.delta},
+        "grouped": {"window": args.lossy_window, "group_size": args.group_size},
+        "relaxed": {"window": args.lossy_window, "delta": args.delta},
     }
     if draft_model is not None:
         methods["draft"] = {"draft_model": draft_model, "gamma": args.gamma}
