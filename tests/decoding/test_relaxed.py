@@ -69,6 +69,25 @@ def test_relaxed_and_grouped_never_stricter_than_exact_and_relaxed_is_bounded():
     torch.testing.assert_close(grouped, exact)
 
 
+def test_only_plausible_neighbours_count():
+    # A flat draft distribution q and a target whose mass sits far from the draft: the draft's neighbours are
+    # individually implausible (below min_p of the peak), so neither rule may add them, however many there are.
+    table = code_neighbors(CODE_VECTORS, CODES)
+    draft = torch.tensor([[3]])
+    near = table[3]
+    p = torch.full((1, 1, CODES), 1e-4)
+    p[0, 0, near[1:]] = 0.004  # each neighbour: 0.4% of the peak's mass
+    p[0, 0, near[-1]] = 0.0  # the farthest code holds the peak instead
+    p[0, 0, near[-1]] = 1 - p.sum() + p[0, 0, near[-1]]
+    q = torch.full((1, 1, CODES), 1.0 / CODES)
+    exact = Acceptance()(p, q, draft)
+    for rule in (RelaxedAcceptance(table[:, :-1], 0.5, min_p=0.05), GroupedAcceptance(table[:, :-1], 0.05)):
+        torch.testing.assert_close(rule(p, q, draft), exact)
+    # with min_p = 0 every neighbour counts and the same draft is accepted far more often
+    assert RelaxedAcceptance(table[:, :-1], 0.5, min_p=0.0)(p, q, draft) > 2 * exact
+    assert GroupedAcceptance(table[:, :-1], 0.0)(p, q, draft) > 2 * exact
+
+
 def test_zero_settings_equal_exact_sjd(setup):
     model, visual, layout = setup
     prefix = torch.tensor([[2, 7, 0], [2, 8, 9]])
@@ -101,11 +120,12 @@ def test_zero_settings_equal_exact_sjd(setup):
     [
         (decode_relaxed, {"codes": CODE_VECTORS, "delta": 1.0}, "delta"),
         (decode_relaxed, {"codes": CODE_VECTORS, "delta": -0.1}, "delta"),
+        (decode_relaxed, {"codes": CODE_VECTORS, "min_p": -0.1}, "min_p"),
         (decode_relaxed, {"codes": CODE_VECTORS, "neighbors": 0}, "neighbors"),
         (decode_relaxed, {}, "code vectors"),
         (decode_relaxed, {"codes": CODE_VECTORS[:5]}, "codes must be"),
         (decode_grouped, {"codes": CODE_VECTORS, "group_size": 0}, "group_size"),
-        (decode_grouped, {"codes": CODE_VECTORS, "group_top_p": 0.0}, "group_top_p"),
+        (decode_grouped, {"codes": CODE_VECTORS, "min_p": 1.5}, "min_p"),
         (decode_grouped, {"codes": CODE_VECTORS, "window": 0}, "window"),
     ],
 )

@@ -61,6 +61,7 @@ SUITES: dict[str, Suite] = {
             "--lossy-window": {"type": int, "default": 12, "help": "grouped/relaxed window (default 12)"},
             "--group-size": {"type": int, "default": 8, "help": "grouped: codes per group (default 8)"},
             "--delta": {"type": float, "default": 0.2, "help": "relaxed: total-variation bound (default 0.2)"},
+            "--min-p": {"type": float, "default": 0.05, "help": "grouped/relaxed: plausible-neighbour rule (0.05)"},
             "--gamma": {"type": int, "default": 4, "help": "draft: tokens per target forward (default 4)"},
             "--draft": {"default": None, "help": "draft generator folder (default: checkpoints/gen-draft)"},
             "--threads": {"type": int, "default": None, "help": "torch threads (default: torch's)"},

@@ -29,8 +29,8 @@ LOSSLESS = {"sjd": True, "draft": True, "grouped": False, "relaxed": False}
 def _methods(args, draft_model) -> dict[str, dict]:
     methods = {
         "sjd": {"window": args.window},
-        "grouped": {"window": args.lossy_window, "group_size": args.group_size},
-        "relaxed": {"window": args.lossy_window, "delta": args.delta},
+        "grouped": {"window": args.lossy_window, "group_size": args.group_size, "min_p": args.min_p},
+        "relaxed": {"window": args.lossy_window, "delta": args.delta, "min_p": args.min_p},
     }
     if draft_model is not None:
         methods["draft"] = {"draft_model": draft_model, "gamma": args.gamma}

@@ -5,12 +5,16 @@ a draft the model finds unlikely may have a likely neighbour. Both rules keep SJ
 residual resampling at the first rejection) and swap only the acceptance probability; neighbourhoods come from the
 tokenizer's own code vectors (``codes``, (V, D)).
 
-- ``relaxed`` (LANTERN's idea): the target mass of the draft is raised by the mass of its nearest codes, added in
-  order of latent distance while the added mass stays <= ``delta``; accept with ``min(1, p~(x) / q(x))``. ``delta``
-  bounds how far each step's distribution moves (total variation <= delta).
+- ``relaxed`` (LANTERN's idea): the target mass of the draft is raised by the mass of its nearest plausible codes,
+  added in order of latent distance while the added mass stays <= ``delta``; accept with ``min(1, p~(x) / q(x))``.
+  ``delta`` bounds how far each step's distribution moves (total variation <= delta).
 - ``grouped`` (GSD's idea): the draft and its ``group_size - 1`` nearest codes that the model also finds plausible
-  (in the target's nucleus, ``group_top_p``) form a group G of visually interchangeable tokens; accept with
-  ``min(1, p(G) / q(x))``: the draft stands for its group. ``group_size`` bounds the relaxation.
+  form a group G of visually interchangeable tokens; accept with ``min(1, p(G) / q(x))``: the draft stands for its
+  group. ``group_size`` bounds the relaxation.
+
+"Plausible" is min-p: probability at least ``min_p`` times the most likely token's. Without it both rules misfire on
+SJD's drafts, whose q is often flat (random initialisation, early Jacobi iterations): a draft's many near-zero
+neighbours then add up to more than q(x) and an implausible token is accepted (FD 7.7 vs 3.7 at delta 0.2).
 """
 
 from __future__ import annotations
@@ -50,44 +54,42 @@ def code_neighbors(codes: torch.Tensor, k: int) -> torch.Tensor:
     return tables[key]
 
 
+def _plausible(p: torch.Tensor, p_near: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Which neighbours the target finds plausible (min-p rule); the draft itself (column 0) always counts."""
+    member = p_near >= min_p * p.amax(-1, keepdim=True)
+    member[..., 0] = True
+    return member
+
+
 class RelaxedAcceptance(Acceptance):
     lossless = False
 
-    def __init__(self, neighbors: torch.Tensor, delta: float):
+    def __init__(self, neighbors: torch.Tensor, delta: float, min_p: float = 0.05):
         self.neighbors = neighbors
         self.delta = delta
+        self.min_p = min_p
 
     def __call__(self, p, q, draft):
         near = self.neighbors.to(draft.device)[draft]  # (B, W, k), the draft first
         p_near = p.gather(-1, near)
-        extra = p_near[..., 1:]
+        extra = (p_near * _plausible(p, p_near, self.min_p))[..., 1:]
         added = (extra * (extra.cumsum(-1) <= self.delta)).sum(-1)
         q_draft = q.gather(-1, draft[..., None])[..., 0]
         p_tilde = p_near[..., 0] + added
         return torch.where(q_draft > 0, p_tilde / q_draft.clamp_min(1e-30), torch.ones_like(q_draft)).clamp(max=1)
 
 
-NUCLEUS_CAP = 64  # grouped: the nucleus is read from this many most likely tokens
-
-
 class GroupedAcceptance(Acceptance):
     lossless = False
 
-    def __init__(self, neighbors: torch.Tensor, top_p: float):
+    def __init__(self, neighbors: torch.Tensor, min_p: float):
         self.neighbors = neighbors
-        self.top_p = top_p
+        self.min_p = min_p
 
     def __call__(self, p, q, draft):
         near = self.neighbors.to(draft.device)[draft]  # (B, W, g)
         p_near = p.gather(-1, near)
-        # The target's nucleus, read from its 64 most likely tokens (a full sort over the vocabulary per slot costs
-        # more than the forward): y is in it when p(y) >= the smallest kept probability.
-        top = p.topk(min(NUCLEUS_CAP, p.shape[-1]), dim=-1).values  # (B, W, cap), descending
-        kept = (top.cumsum(-1) - top) < self.top_p
-        threshold = torch.where(kept, top, torch.full_like(top, float("inf"))).amin(-1, keepdim=True)
-        member = p_near >= threshold
-        member[..., 0] = True  # the draft itself always counts
-        p_group = (p_near * member).sum(-1)
+        p_group = (p_near * _plausible(p, p_near, self.min_p)).sum(-1)
         q_draft = q.gather(-1, draft[..., None])[..., 0]
         return torch.where(q_draft > 0, p_group / q_draft.clamp_min(1e-30), torch.ones_like(q_draft)).clamp(max=1)
 
@@ -102,6 +104,11 @@ def _check_codes(codes: torch.Tensor | None, size: int, name: str) -> torch.Tens
     return codes
 
 
+def _check_min_p(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"min_p must be in [0, 1] (0 = every neighbour counts), got {value!r}")
+
+
 def decode_relaxed(
     model,
     layout,
@@ -111,12 +118,14 @@ def decode_relaxed(
     codes=None,
     delta: float = 0.2,
     neighbors: int = 8,
+    min_p: float = 0.05,
     window: int = 8,
     **kwargs,
 ):
     """SJD with LANTERN-style relaxed acceptance (lossy; ``delta`` in [0, 1) bounds the relaxation)."""
     if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 <= delta < 1:
         raise ValueError(f"delta must be in [0, 1) (0 = exact SJD), got {delta!r}")
+    _check_min_p(min_p)
     if isinstance(neighbors, bool) or not isinstance(neighbors, int) or neighbors < 1:
         raise ValueError(f"neighbors must be a positive int, got {neighbors!r}")
     table = code_neighbors(_check_codes(codes, visual.size, "relaxed"), neighbors + 1)
@@ -127,7 +136,7 @@ def decode_relaxed(
         visual,
         *args,
         window=window,
-        acceptance=RelaxedAcceptance(table, float(delta)),
+        acceptance=RelaxedAcceptance(table, float(delta), float(min_p)),
         **kwargs,
     )
 
@@ -140,15 +149,14 @@ def decode_grouped(
     *args,
     codes=None,
     group_size: int = 8,
-    group_top_p: float = 0.9,
+    min_p: float = 0.05,
     window: int = 8,
     **kwargs,
 ):
     """SJD with GSD-style grouped acceptance (lossy; groups of at most ``group_size`` nearby plausible codes)."""
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int (1 = exact SJD), got {group_size!r}")
-    if isinstance(group_top_p, bool) or not isinstance(group_top_p, (int, float)) or not 0 < group_top_p <= 1:
-        raise ValueError(f"group_top_p must be in (0, 1], got {group_top_p!r}")
+    _check_min_p(min_p)
     table = code_neighbors(_check_codes(codes, visual.size, "grouped"), group_size)
     return decode_sjd(
         model,
@@ -157,6 +165,6 @@ def decode_grouped(
         visual,
         *args,
         window=window,
-        acceptance=GroupedAcceptance(table, float(group_top_p)),
+        acceptance=GroupedAcceptance(table, float(min_p)),
         **kwargs,
     )
