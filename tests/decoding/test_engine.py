@@ -81,6 +81,20 @@ def test_visual_scores_are_the_visual_slice_of_the_logits(model, layout):
     assert torch.allclose(scores, logits[:, -2:, 10:26], atol=1e-5)
 
 
+def test_guided_scores_equal_guided_logits(model, layout):
+    """The engine guides hidden states before the (linear) head; that must equal CFG on the logits."""
+    visual = VisualVocab(offset=10, size=16, boi_id=4)
+    x = torch.randn(2, P + 2, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(P + 2, P + 2, dtype=torch.bool).tril()[None]
+    args = (x, slice(0, P + 2), (0, P + 2), mask, 2)
+    plain = KVEngine(model, rows=2, capacity=layout.length, positions=layout.positions).scores(visual, *args)
+    for scale in (3.0, torch.tensor([[[1.5], [4.0]]])):
+        engine = KVEngine(model, rows=2, capacity=layout.length, positions=layout.positions)
+        guided = engine.scores(visual, *args, guidance=scale)
+        assert guided.shape == (1, 2, 16)
+        assert torch.allclose(guided, plain[1] + scale * (plain[0] - plain[1]), atol=1e-5)
+
+
 def test_weight_copies_follow_parameter_updates(model, layout):
     x = torch.randn(1, P, model.config.hidden_size)
     mask = torch.ones(P, P, dtype=torch.bool).tril()[None]

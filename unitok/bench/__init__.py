@@ -58,9 +58,10 @@ SUITES: dict[str, Suite] = {
             "--n": {"type": int, "default": 500, "help": "class-balanced images per method (default 500)"},
             "--guidance-scale": {"type": float, "default": None, "help": "default: the generator's"},
             "--window": {"type": int, "default": 8, "help": "sjd window (default 8)"},
-            "--lossy-window": {"type": int, "default": 12, "help": "grouped/relaxed window (default 12)"},
-            "--group-size": {"type": int, "default": 8, "help": "grouped: codes per group (default 8)"},
-            "--delta": {"type": float, "default": 0.2, "help": "relaxed: total-variation bound (default 0.2)"},
+            "--lossy-window": {"type": int, "default": 8, "help": "grouped/relaxed window (default 8)"},
+            "--group-size": {"type": int, "default": 32, "help": "grouped: codes per group (default 32)"},
+            "--delta": {"type": float, "default": 0.4, "help": "relaxed: total-variation bound (default 0.4)"},
+            "--neighbors": {"type": int, "default": 32, "help": "relaxed: latent neighbours per code (default 32)"},
             "--min-p": {"type": float, "default": 0.05, "help": "grouped/relaxed: plausible-neighbour rule (0.05)"},
             "--gamma": {"type": int, "default": 4, "help": "draft: tokens per target forward (default 4)"},
             "--draft": {"default": None, "help": "draft generator folder (default: checkpoints/gen-draft)"},
@@ -68,6 +69,17 @@ SUITES: dict[str, Suite] = {
             "--dist-samples": {"type": int, "default": 20000, "help": "samples of the distribution test"},
             "--seed": {"type": int, "default": 0},
             "--checkpoints": {"default": None, "help": "folder holding gen-next-token (default: bundled)"},
+        },
+    ),
+    "serving": Suite(
+        module="unitok.bench.serving",
+        help="images/s of the real server (vLLM next-token, native next-block) under concurrent openai clients vs HF "
+        "generate, latency, CFG pair divergences",
+        options={
+            "--n": {"type": int, "default": 64, "help": "images per measured run (default 64)"},
+            "--clients": {"type": int, "default": 16, "help": "concurrent clients = HF batch size (default 16)"},
+            "--seed": {"type": int, "default": 0},
+            "--checkpoints": {"default": None, "help": "folder holding gen-next-token and gen-next-block"},
         },
     ),
 }

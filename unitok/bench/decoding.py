@@ -30,7 +30,12 @@ def _methods(args, draft_model) -> dict[str, dict]:
     methods = {
         "sjd": {"window": args.window},
         "grouped": {"window": args.lossy_window, "group_size": args.group_size, "min_p": args.min_p},
-        "relaxed": {"window": args.lossy_window, "delta": args.delta, "min_p": args.min_p},
+        "relaxed": {
+            "window": args.lossy_window,
+            "delta": args.delta,
+            "neighbors": args.neighbors,
+            "min_p": args.min_p,
+        },
     }
     if draft_model is not None:
         methods["draft"] = {"draft_model": draft_model, "gamma": args.gamma}

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from unitok.decoding.cfg import Guidance, as_guidance, guide
+from unitok.decoding.cfg import Guidance, as_guidance
 from unitok.decoding.engine import KVEngine
 from unitok.decoding.sampling import SamplingConfig
 from unitok.model.heads import VisualVocab
@@ -87,11 +87,10 @@ def decode_blocks(
         if block == 0:
             inputs = torch.cat([embed(ids), inputs], dim=1)
         size = layout.block_starts[block + 1] - layout.block_starts[block]
+        scale = guidance.at(torch.tensor(layout.block_starts[block] / layout.num_visual)) if cfg else None
         scores = engine.scores(
-            visual, inputs, slice(begin, end), (begin, end), mask[:, begin:end, :end], size
-        )  # (rows, size, V) or bitwise (rows, size, bits, 2)
-        if cfg:
-            scores = guide(scores, guidance.at(torch.tensor(layout.block_starts[block] / layout.num_visual)))
+            visual, inputs, slice(begin, end), (begin, end), mask[:, begin:end, :end], size, guidance=scale
+        )  # guided (B, size, V) or bitwise (B, size, bits, 2)
         new = visual.sample(scores, sampling, generator)  # (B, size)
         tokens = torch.cat([tokens, new], dim=1)
         new_embeds = visual.embed(model, new)

@@ -26,6 +26,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from unitok.decoding.cfg import guide
 from unitok.model.heads import VisualVocab
 
 _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -154,11 +155,21 @@ class KVEngine:
             hidden = hidden + (act(gate) * up) @ w_down
         return F.rms_norm(hidden[:, -keep:], (hidden_size,), *self.final_norm)
 
-    def scores(self, visual: VisualVocab, *args, **kwargs) -> torch.Tensor:
-        """:meth:`forward`, then the visual head: (rows, keep, size) or bitwise (rows, keep, bits, 2) scores."""
+    def scores(
+        self, visual: VisualVocab, *args, guidance: float | torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor:
+        """:meth:`forward`, then the visual head: (rows, keep, size) or bitwise (rows, keep, bits, 2) scores.
+
+        With ``guidance`` (a CFG scale, see :func:`unitok.decoding.cfg.guide`), the rows are cond then uncond
+        halves and the guided (rows / 2, ...) scores come back. A vocabulary head is linear, so guiding the hidden
+        states before it equals guiding its logits, at half the head's rows: for a window of drafts the head is
+        as large a matmul as all of a small model's layers together."""
         hidden = self.forward(*args, **kwargs)
         if visual.bits:
-            return visual.head_scores(self.model, hidden)
+            scores = visual.head_scores(self.model, hidden)
+            return scores if guidance is None else guide(scores, guidance)
+        if guidance is not None:
+            hidden = guide(hidden, guidance)
         return hidden @ self._visual_head(visual)
 
     def _visual_head(self, visual: VisualVocab) -> torch.Tensor:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from unitok.decoding.block import DecodeResult, guided_prefix
-from unitok.decoding.cfg import Guidance, as_guidance, guide
+from unitok.decoding.cfg import Guidance, as_guidance
 from unitok.decoding.engine import KVEngine
 from unitok.decoding.sampling import SamplingConfig, draw
 from unitok.model.heads import VisualVocab
@@ -159,10 +159,11 @@ def decode_sjd(
             mask = torch.cat([prefix_mask.expand(batch, -1, -1), mask], 1)
         else:
             inputs = torch.cat([inputs] * pair)
-        scores = engine.scores(visual, inputs, per_row(slot_positions), per_row(cache_slots), per_row(mask), width)
+        scale = (guidance.scale if guidance.constant else guidance.at(pos[..., None] / n_tokens)) if cfg else None
+        scores = engine.scores(
+            visual, inputs, per_row(slot_positions), per_row(cache_slots), per_row(mask), width, guidance=scale
+        )
         passes += 1
-        if cfg:
-            scores = guide(scores, guidance.scale if guidance.constant else guidance.at(pos[..., None] / n_tokens))
         p = sampling.probs(scores)  # (B, W, V)
         draft = drafts.gather(1, pos)
         q_window = q[rows[:, None], pos]  # (B, W, V)
