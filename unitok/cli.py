@@ -1,4 +1,4 @@
-"""The ``unitok`` command line: ``unitok data info``, ``unitok generate``, ``unitok bench <suite>``, ``unitok demo``.
+"""The ``unitok`` command line: ``unitok data info``, ``generate``, ``bench <suite>``, ``serve PATH``, ``demo``.
 
 Heavy imports happen inside the command that needs them, so ``unitok --help`` answers at once. User errors
 (bad paths, bad options, missing data packages) print one ``error:`` line and exit with status 2.
@@ -186,12 +186,28 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         print(f"wrote {path} (one row per prompt: {', '.join(map(str, prompts))})")
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from unitok.serving.server import create_app
+
+    app = create_app(
+        args.path,
+        backend=args.backend,
+        max_n=args.max_n,
+        max_queue=args.max_queue,
+        max_batch_images=args.max_batch,
+        draft_model=args.draft_model,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
 def _decoder_options(args: argparse.Namespace) -> dict:
     """The options of the chosen decoder that were given on the command line (the rest keep their defaults)."""
     names = {
         "sjd": ("window", "init"),
-        "grouped": ("window", "init", "group_size"),
-        "relaxed": ("window", "init", "delta"),
+        "grouped": ("window", "init", "group_size", "min_p"),
+        "relaxed": ("window", "init", "delta", "min_p"),
         "draft": ("draft_model", "gamma"),
     }.get(args.decoder, ())
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
@@ -249,10 +265,30 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--init", choices=["random", "spatial", "temporal"], help="sjd/grouped/relaxed: fresh drafts")
     gen.add_argument("--delta", type=float, help="relaxed: total-variation bound of the relaxation")
     gen.add_argument("--group-size", type=int, help="grouped: codes per acceptance group")
+    gen.add_argument(
+        "--min-p", type=float, help="grouped/relaxed: a neighbour counts if its probability >= min_p x the top one's"
+    )
     gen.add_argument("--draft-model", help="draft: a small generator folder trained on the same tokenizer")
     gen.add_argument("--gamma", type=int, help="draft: tokens proposed per target forward (default 4)")
     gen.add_argument("--out", default="generated", help="output folder (default: generated)")
     gen.set_defaults(func=_cmd_generate)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible image/video server (FastAPI) over generator folders")
+    serve.add_argument("path", help="a generator folder or a folder of gen-<mode> folders (e.g. checkpoints)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--backend",
+        choices=["auto", "native", "vllm"],
+        default="auto",
+        help="next-token models: vLLM's AsyncLLM (auto: when vllm imports) or the native batching engine",
+    )
+    serve.add_argument("--max-n", type=int, default=16, help="samples per request (default 16)")
+    serve.add_argument("--max-queue", type=int, default=64, help="requests admitted at once; more get 429")
+    serve.add_argument("--max-batch", type=int, default=64, help="samples per native batch (default 64)")
+    serve.add_argument("--draft-model", help="draft generator for decoder=draft (default: PATH/gen-draft)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(func=_cmd_serve)
 
     demo = sub.add_parser("demo", help="the main job on the bundled defaults")
     demo.add_argument("--out", default="demo_out", help="folder for the demo's outputs (default: demo_out)")

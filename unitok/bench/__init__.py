@@ -78,6 +78,7 @@ SUITES: dict[str, Suite] = {
         options={
             "--n": {"type": int, "default": 64, "help": "images per measured run (default 64)"},
             "--clients": {"type": int, "default": 16, "help": "concurrent clients = HF batch size (default 16)"},
+            "--rounds": {"type": int, "default": 3, "help": "alternating HF / vLLM rounds; medians (default 3)"},
             "--seed": {"type": int, "default": 0},
             "--checkpoints": {"default": None, "help": "folder holding gen-next-token and gen-next-block"},
         },

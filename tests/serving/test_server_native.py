@@ -1,0 +1,134 @@
+"""The native batching engine on its own: batches, per-request seeds, bounded queue, cancellation, shutdown."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from unitok.decoding.cfg import Guidance
+from unitok.decoding.sampling import SamplingConfig
+from unitok.serving.native import (
+    BatchKey,
+    EngineClosedError,
+    NativeEngine,
+    NativeRequest,
+    QueueFullError,
+    RowSeededVisual,
+)
+
+KEY = BatchKey("gen-next-block", Guidance(3.0), SamplingConfig())
+
+
+class Gate:
+    """A ``resolve`` that holds the worker on its first call until ``open()``."""
+
+    def __init__(self, gen):
+        self.gen, self.entered, self.opened = gen, threading.Event(), threading.Event()
+
+    def __call__(self, model_id: str):
+        self.entered.set()
+        self.opened.wait(60)
+        return self.gen
+
+    def open(self):
+        self.opened.set()
+
+
+@pytest.fixture
+def gen(pipeline):
+    return pipeline.generator("next-block")
+
+
+def test_batched_requests_equal_each_request_alone(pipeline, gen):
+    gate = Gate(gen)
+    engine = NativeEngine(gate, max_queue=8)
+    try:
+        first = engine.submit(NativeRequest(KEY, ["bag"], seed=0))
+        assert gate.entered.wait(30)
+        requests = [(["sneaker", "sneaker"], 7), ([1, "coat", 9], 8), (["dress"], None)]
+        futures = [engine.submit(NativeRequest(KEY, c, s)) for c, s in requests]
+        gate.open()
+        results = [f.result(60) for f in futures]
+        assert first.result(60).batch_requests == 1
+    finally:
+        engine.close()
+    assert engine.stats.batches == 2 and engine.stats.max_batch_requests == 3 and engine.stats.images == 7
+    for (conditions, seed), result in zip(requests, results, strict=True):
+        assert result.batch_requests == 3 and result.batch_images == 6
+        if seed is not None:
+            assert result.seed == seed
+        # an unseeded request reports the random seed that reproduces it
+        n = len(conditions)
+        alone = pipeline(conditions, num_images=n, mode="next-block", guidance_scale=3.0, seed=result.seed)
+        assert torch.equal(result.tokens, alone.tokens)
+
+
+def test_row_seeded_head_draws_each_group_from_its_own_generator(gen):
+    scores = torch.randn(5, 7, gen.visual.size)
+    seen = []
+    listen = lambda *args: seen.append(args)  # noqa: E731
+    groups = [(2, torch.Generator().manual_seed(1), None), (3, torch.Generator().manual_seed(2), listen)]
+    head = RowSeededVisual(gen.visual, groups)
+    drawn = head.sample(scores, SamplingConfig())
+    expected = torch.cat(
+        [
+            gen.visual.sample(scores[:2], SamplingConfig(), torch.Generator().manual_seed(1)),
+            gen.visual.sample(scores[2:], SamplingConfig(), torch.Generator().manual_seed(2)),
+        ]
+    )
+    assert torch.equal(drawn, expected)
+    assert len(seen) == 1 and seen[0][0] == 0 and torch.equal(seen[0][1], expected[2:])  # block 0, its own rows
+    head.sample(scores, SamplingConfig())
+    assert len(seen) == 2 and seen[1][0] == 1 and seen[1][1].shape == (3, 14)  # tokens so far
+    with pytest.raises(ValueError, match="rows"):
+        head.sample(scores[:4], SamplingConfig())
+
+
+def test_bounded_queue_cancellation_and_shutdown(gen):
+    gate = Gate(gen)
+    engine = NativeEngine(gate, max_queue=2, max_batch_images=4)
+    with pytest.raises(ValueError, match="at most 4 samples"):
+        engine.submit(NativeRequest(KEY, ["bag"] * 5))
+    with pytest.raises(ValueError, match="seed"):
+        NativeRequest(KEY, ["bag"], seed=-1)
+    running = engine.submit(NativeRequest(KEY, ["bag"], seed=0))
+    assert gate.entered.wait(30)
+    waiting = engine.submit(NativeRequest(KEY, ["coat"], seed=0))
+    with pytest.raises(QueueFullError, match="busy"):
+        engine.submit(NativeRequest(KEY, ["coat"]))
+    assert waiting.cancel() and engine.pending == 1 and engine.stats.cancelled == 1  # the slot is free again
+    again = engine.submit(NativeRequest(KEY, ["coat"], seed=0))
+    engine.close(timeout=0)  # fails what waits; the running batch finishes
+    with pytest.raises(EngineClosedError):
+        again.result(10)
+    gate.open()
+    assert running.result(60).tokens.shape == (1, gen.spec.num_tokens)
+    with pytest.raises(EngineClosedError):
+        engine.submit(NativeRequest(KEY, ["bag"]))
+
+
+def test_a_failing_batch_fails_its_requests_and_the_worker_goes_on(gen):
+    calls = []
+
+    def resolve(model_id):
+        calls.append(model_id)
+        if len(calls) == 1:
+            raise RuntimeError("broken generator")
+        return gen
+
+    engine = NativeEngine(resolve)
+    try:
+        with pytest.raises(RuntimeError, match="broken generator"):
+            engine.submit(NativeRequest(KEY, ["bag"])).result(60)
+        assert engine.submit(NativeRequest(KEY, ["bag"])).result(60).tokens.shape[0] == 1
+    finally:
+        engine.close()
+    assert engine.stats.failed == 1 and engine.stats.requests == 1
+
+
+def test_engine_arguments_are_checked(gen):
+    for kwargs in ({"max_queue": 0}, {"max_batch_images": True}, {"batch_window_s": 5}):
+        with pytest.raises(ValueError):
+            NativeEngine(lambda m: gen, **kwargs)

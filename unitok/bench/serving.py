@@ -1,0 +1,324 @@
+"""``unitok bench serving``: images per second of the real server under concurrent clients, against HF ``generate``.
+
+The LlamaGen comparison, on the bundled next-token generator at its recommended guidance and sampling:
+
+- ``hf_generate_images_per_s``: transformers' ``model.generate`` (unitok's ``hf`` decoder: CFG and the visual
+  vocabulary as logits processors) on the same ``--n`` class-balanced prompts, in batches of ``--clients``, tokens
+  decoded to pixels;
+- ``vllm_images_per_s``: ``unitok serve gen-next-token --backend vllm`` started as a subprocess on 127.0.0.1 and
+  called by ``--clients`` concurrent official ``openai`` clients (``images.generate``, n=1, one seed per image,
+  PNG returned) until ``--n`` images are back; ``ratio`` = vLLM / HF;
+- ``native_block_images_per_s``: the same load on ``unitok serve gen-next-block`` (the native batching engine);
+  ``native_token_images_per_s``: on ``unitok serve gen-next-token --backend native`` (the native engine's plain AR
+  loop, for comparison with vLLM on the same model);
+- ``p50_latency_s`` / ``p99_latency_s``: per-request latency of the vLLM run (the native runs' in their entries).
+
+HF and vLLM are measured in ``--rounds`` alternating rounds (default 3) while the vLLM server is up, and the median
+round of each is reported (every round is in ``rounds_images_per_s``): on a 2-core machine any other process moves
+either figure by 2-5x, and a baseline measured at a different moment than the server is not a comparison.
+
+``cfg_pair_divergences`` counts images where the conditional and unconditional halves of classifier-free guidance
+may have come apart under load. Two checks, both through the vLLM server: (1) every image of the concurrent run
+is requested again alone with the same seed and must come back identical (a pair split by the scheduler would
+depend on what else was running); (2) ``--clients`` concurrent greedy requests (temperature 0) must give the tokens
+of unitok's reference block decoder at the same guidance, except where the two implementations' guided logits tie
+within ``TIE_TOLERANCE`` at the first differing token (float rounding; counted apart as ``greedy_ties``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unitok.decoding.sampling import SamplingConfig
+from unitok.eval.generation import balanced_labels
+from unitok.model.pretrained import load_generator
+
+CHECKPOINT_ROOT = Path(__file__).resolve().parents[2] / "checkpoints"
+TIE_TOLERANCE = 1e-3  # guided-logit gap below which two implementations may legitimately pick different argmaxes
+START_TIMEOUT_S = 600
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """``unitok serve PATH`` in its own process group on 127.0.0.1; stopped (with vLLM's children) on exit."""
+
+    def __init__(self, path: Path, backend: str, max_n: int, max_queue: int):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="unitok-serve-", suffix=".log", delete=False)
+        command = [sys.executable, "-m", "unitok.cli", "serve", str(path), "--backend", backend]
+        command += ["--port", str(self.port), "--max-n", str(max_n), "--max-queue", str(max_queue)]
+        command += ["--log-level", "warning"]
+        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"the server did not answer within {timeout:.0f} s:\n{self.tail()}")
+
+    def tail(self, lines: int = 30) -> str:
+        self.log.flush()
+        return "\n".join(Path(self.log.name).read_text(errors="replace").splitlines()[-lines:])
+
+    def __enter__(self) -> ServerProcess:
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
+
+
+def _client(url: str):
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+
+
+def _load(url: str, model: str, jobs: list[tuple[str, int]], clients: int) -> dict:
+    """``jobs`` (prompt, seed) sent by ``clients`` threads, one image per request; wall time, latencies, images."""
+    client = _client(url)
+    results: dict[int, str] = {}
+    latencies: list[float] = []
+    errors: list[str] = []
+    cursor = iter(range(len(jobs)))
+    lock = threading.Lock()
+
+    def worker():
+        while True:
+            with lock:
+                i = next(cursor, None)
+            if i is None:
+                return
+            prompt, seed = jobs[i]
+            start = time.perf_counter()
+            try:
+                out = client.images.generate(
+                    model=model, prompt=prompt, n=1, response_format="b64_json", extra_body={"seed": seed}
+                )
+                with lock:
+                    latencies.append(time.perf_counter() - start)
+                    results[i] = out.data[0].b64_json
+            except Exception as err:  # counted and reported, the load goes on
+                with lock:
+                    errors.append(f"{type(err).__name__}: {err}")
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    return {"wall": wall, "latencies": latencies, "images": results, "errors": errors}
+
+
+def _summary(run: dict) -> dict:
+    lat = np.asarray(run["latencies"]) if run["latencies"] else np.asarray([float("nan")])
+    return {
+        "images_per_s": len(run["images"]) / run["wall"],
+        "images": len(run["images"]),
+        "seconds": run["wall"],
+        "errors": len(run["errors"]),
+        "p50_latency_s": float(np.percentile(lat, 50)),
+        "p99_latency_s": float(np.percentile(lat, 99)),
+    }
+
+
+def _hf_baseline(gen, labels: list[int], batch_size: int, guidance: float, sampling: SamplingConfig, seed: int) -> dict:
+    rng = torch.Generator().manual_seed(seed)
+    gen.generate_tokens(labels[:2], guidance, sampling, rng, "hf")  # warm-up
+    start = time.perf_counter()
+    for i in range(0, len(labels), batch_size):
+        result = gen.generate_tokens(labels[i : i + batch_size], guidance, sampling, rng, "hf")
+        gen.codec.decode(result.tokens)
+    wall = time.perf_counter() - start
+    return {"images_per_s": len(labels) / wall, "seconds": wall, "batch_size": batch_size}
+
+
+def _greedy_divergences(url: str, gen, names: list[str], clients: int, guidance: float) -> dict:
+    """Concurrent greedy requests through the server vs the reference block decoder (see the module docstring)."""
+    from unitok.decoding.block import decode_blocks
+    from unitok.decoding.cfg import guide
+
+    client = _client(url)
+    prompts = [names[i % len(names)] for i in range(clients)]
+    served: dict[int, list[int]] = {}
+    errors: list[str] = []
+
+    def call(i):
+        try:
+            out = client.completions.create(model="gen-next-token", prompt=prompts[i], temperature=0, seed=0)
+            served[i] = [int(t) for t in out.choices[0].text.split()]
+        except Exception as err:
+            errors.append(f"{type(err).__name__}: {err}")
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    vocab, layout, visual, model = gen.vocab, gen.layout(), gen.visual, gen.model
+    reference = decode_blocks(
+        model, layout, vocab.prefix_ids(prompts), visual, guidance, vocab.prefix_ids([None]), SamplingConfig(0.0)
+    ).tokens
+    mismatches = ties = 0
+    for i, tokens in served.items():
+        ref = reference[i].tolist()
+        if tokens == ref:
+            continue
+        at = next(j for j, (a, b) in enumerate(zip(tokens, ref, strict=True)) if a != b)
+        # guided logits of the reference at the first differing slot, given the (shared) tokens before it
+        prefix = torch.cat([vocab.prefix_ids([prompts[i], None]), torch.full((2, 1), visual.boi_id)], 1)
+        seq = torch.cat([prefix, (torch.tensor(ref[:at]) + visual.offset).expand(2, -1)], 1)
+        with torch.no_grad():
+            positions = layout.positions[:, : seq.shape[1]]  # (3, L) MM-RoPE (t, h, w)
+            logits = model(input_ids=seq, position_ids=positions[:, None].expand(-1, 2, -1)).logits[:, -1]
+        guided = guide(logits[:, visual.offset : visual.offset + visual.size], guidance)[0]
+        if abs(float(guided[ref[at]] - guided[tokens[at]])) < TIE_TOLERANCE:
+            ties += 1
+        else:
+            mismatches += 1
+    return {"greedy_requests": clients, "greedy_mismatches": mismatches, "greedy_ties": ties, "errors": errors}
+
+
+def _solo_divergences(url: str, model: str, jobs: list[tuple[str, int]], concurrent: dict[int, str]) -> dict:
+    """Each image of the concurrent run requested again alone (same seed) must come back identical."""
+    client = _client(url)
+    differ, errors = 0, []
+    for i, b64 in sorted(concurrent.items()):
+        prompt, seed = jobs[i]
+        try:
+            alone = client.images.generate(model=model, prompt=prompt, n=1, extra_body={"seed": seed})
+            differ += alone.data[0].b64_json != b64
+        except Exception as err:
+            errors.append(f"{type(err).__name__}: {err}")
+    return {"batched_vs_solo_mismatches": differ, "solo_requests": len(concurrent), "errors": errors}
+
+
+def _interleaved(server: ServerProcess, model: str, jobs, clients: int, hf_round, rounds: int) -> tuple[dict, list]:
+    """``rounds`` x (HF generate, then the same load through the server), alternating so both see the same machine
+    (other processes on a 2-core box move either figure by 2-5x); the median round of each."""
+    warm = _load(server.url, model, jobs[:clients], clients)
+    loads, hfs, messages = [], [], list(warm["errors"])
+    for _ in range(rounds):
+        hfs.append(hf_round())
+        load = _load(server.url, model, jobs, clients)
+        messages += load["errors"]
+        loads.append(load)
+    order = sorted(range(rounds), key=lambda i: len(loads[i]["images"]) / loads[i]["wall"])
+    median = loads[order[rounds // 2]]
+    hf = sorted(hfs, key=lambda h: h["images_per_s"])[rounds // 2]
+    summary = _summary(median)
+    summary["rounds_images_per_s"] = [len(x["images"]) / x["wall"] for x in loads]
+    hf["rounds_images_per_s"] = [h["images_per_s"] for h in hfs]
+    return {"summary": summary, "load": median, "hf": hf}, messages
+
+
+def run(args: argparse.Namespace) -> dict:
+    from unitok.serving.server import vllm_importable
+
+    if args.n < 1 or args.clients < 1 or args.rounds < 1:
+        raise ValueError("--n, --clients and --rounds must be >= 1 (the issue's figures: 64 images, 16 clients)")
+    root = Path(args.checkpoints) if args.checkpoints else CHECKPOINT_ROOT
+    token_dir, block_dir = root / "gen-next-token", root / "gen-next-block"
+    gen = load_generator(token_dir)
+    defaults = gen.sampling_defaults()
+    guidance = defaults["guidance_scale"]
+    sampling = SamplingConfig(defaults["temperature"], defaults["top_k"], defaults["top_p"])
+    names = list(gen.vocab.class_names)
+    labels = balanced_labels(args.n, len(names))
+    jobs = [(names[c], args.seed * 1_000_003 + i) for i, c in enumerate(labels)]
+    result: dict = {
+        "checkpoint": str(token_dir),
+        "requests": args.n,
+        "clients": args.clients,
+        "rounds": args.rounds,
+        "guidance_scale": guidance,
+        "threads": torch.get_num_threads(),
+    }
+
+    def hf_round() -> dict:
+        return _hf_baseline(gen, labels, args.clients, guidance, sampling, args.seed)
+
+    errors = 0
+    if vllm_importable():
+        print(f"vLLM server vs HF generate: {args.rounds} rounds of {args.n} images, {args.clients} clients")
+        with ServerProcess(token_dir, "vllm", max_n=16, max_queue=4 * args.clients) as server:
+            measured, messages = _interleaved(server, "gen-next-token", jobs, args.clients, hf_round, args.rounds)
+            summary, hf = measured["summary"], measured["hf"]
+            solo = _solo_divergences(server.url, "gen-next-token", jobs, measured["load"]["images"])
+            greedy = _greedy_divergences(server.url, gen, names, args.clients, guidance)
+        messages += solo["errors"] + greedy["errors"]
+        errors += len(messages)
+        if messages:
+            print(f"{len(messages)} failed request(s) on the vLLM server; first: {messages[0]}")
+        result.update(
+            hf_generate_images_per_s=hf["images_per_s"],
+            vllm_images_per_s=summary["images_per_s"],
+            ratio=summary["images_per_s"] / hf["images_per_s"],
+            p50_latency_s=summary["p50_latency_s"],
+            p99_latency_s=summary["p99_latency_s"],
+            cfg_pair_divergences=solo["batched_vs_solo_mismatches"] + greedy["greedy_mismatches"],
+        )
+        solo.pop("errors")
+        greedy.pop("errors")
+        result["hf"] = hf
+        result["vllm"] = {**summary, **solo, **greedy, "errors": len(messages), "error_messages": messages[:5]}
+    else:
+        hf = hf_round()
+        result.update(hf_generate_images_per_s=hf["images_per_s"], hf=hf)
+        result.update(vllm_images_per_s=None, ratio=None, p50_latency_s=None, p99_latency_s=None)
+        result["cfg_pair_divergences"] = None
+        result["note"] = "vllm does not import here (pip install -e '.[serve]'); the vLLM figures are missing"
+
+    natives = (("native_block", block_dir, "gen-next-block"), ("native_token", token_dir, "gen-next-token"))
+    for key, folder, model in natives:
+        print(f"native server ({model}): {args.clients} clients, {args.n} images")
+        with ServerProcess(folder, "native", max_n=16, max_queue=4 * args.clients) as server:
+            warm = _load(server.url, model, jobs[: args.clients], args.clients)
+            load = _load(server.url, model, jobs, args.clients)
+        messages = warm["errors"] + load["errors"]
+        result[f"{key}_images_per_s"] = len(load["images"]) / load["wall"]
+        result[key] = {**_summary(load), "errors": len(messages), "error_messages": messages[:5]}
+        errors += len(messages)
+    result["errors"] = errors
+    return result

