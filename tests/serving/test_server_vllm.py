@@ -1,0 +1,48 @@
+"""The server with the vLLM backend (next-token), started as ``unitok serve`` in a subprocess; needs vllm."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from unitok.bench.serving import ServerProcess
+from unitok.serving.server import vllm_importable
+
+CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(not vllm_importable(), reason="vllm does not import here"),
+]
+
+
+@pytest.fixture(scope="module")
+def vllm_server():
+    with ServerProcess(CHECKPOINTS / "gen-next-token", "vllm", max_n=4, max_queue=8) as server:
+        yield server
+
+
+def test_images_through_vllm(vllm_server):
+    import httpx
+    import openai
+
+    client = openai.OpenAI(base_url=f"{vllm_server.url}/v1", api_key="x", max_retries=0, timeout=300)
+    assert httpx.get(f"{vllm_server.url}/health").json()["models"] == {"gen-next-token": "vllm"}
+    out = client.images.generate(model="gen-next-token", prompt="sneaker", n=2, extra_body={"seed": 5})
+    images = [Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in out.data]
+    assert [im.size for im in images] == [(28, 28), (28, 28)] and out.seed == 5
+    # image 1 of seed 5 is image 0 of seed 6 (vLLM's parallel sampling), and seeds reproduce
+    again = client.images.generate(model="gen-next-token", prompt="sneaker", extra_body={"seed": 6})
+    assert again.data[0].b64_json == out.data[1].b64_json
+    tokens = client.completions.create(model="gen-next-token", prompt=["bag", "coat"], n=2, seed=1)
+    assert len(tokens.choices) == 4 and all(len(c.text.split()) == 49 for c in tokens.choices)
+    # another guidance scale than the engine's runs on the native engine
+    client.images.generate(model="gen-next-token", prompt="bag", extra_body={"guidance_scale": 1.5, "seed": 0})
+    counters = httpx.get(f"{vllm_server.url}/health").json()["counters"]
+    assert counters["vllm_requests"] == 3 and counters["native_requests"] == 1
+    with pytest.raises(openai.BadRequestError, match="never saw"):
+        client.images.generate(model="gen-next-token", prompt="spaceship")
