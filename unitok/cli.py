@@ -199,7 +199,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         max_batch_images=args.max_batch,
         draft_model=args.draft_model,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # keep-alive past the clients' own 5 s expiry, so a reused idle connection never races the server closing it
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=30)
 
 
 def _decoder_options(args: argparse.Namespace) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,13 @@ def test_images_through_vllm(vllm_server):
     assert counters["vllm_requests"] == 3 and counters["native_requests"] == 1
     with pytest.raises(openai.BadRequestError, match="never saw"):
         client.images.generate(model="gen-next-token", prompt="spaceship")
+
+
+def test_server_runs_in_the_callers_session(vllm_server):
+    """Regression: ``ServerProcess`` used ``start_new_session``, which made the server (with vLLM's busy-polling engine
+    core and worker) its own scheduler autogroup; on 2 cores it starved the benchmark's clients for seconds
+    (``unitok bench serving``: errors, 6-8 images/s, p99 7 s). Its own process group (so it can be stopped whole),
+    the caller's session."""
+    pid = vllm_server.proc.pid
+    assert os.getpgid(pid) == pid
+    assert os.getsid(pid) == os.getsid(0)

