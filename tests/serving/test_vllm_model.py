@@ -33,7 +33,8 @@ def loop():
     pending = asyncio.all_tasks(loop)
     for task in pending:
         task.cancel()
-    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    if pending:  # none with the in-process engine
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
     loop.close()
 
 
@@ -166,10 +167,7 @@ def test_visual_vocabulary_only(engine, gen, loop):
     prompt = spec.prompt(gen.vocab.prefix_ids(["sneaker"])[0].tolist())
 
     async def run():
-        final = None
-        async for out in engine.llm.generate({"prompt_token_ids": prompt}, params, request_id="visual-only"):
-            final = out
-        return final.outputs[0]
+        return (await engine.driver.run(prompt, params, "visual-only")).outputs[0]
 
     out = loop.run_until_complete(run())
     assert len(out.token_ids) == spec.num_visual
@@ -190,6 +188,37 @@ def test_n_images_follow_seed_plus_index(engine, gen, loop):
     assert many.shape == (3, engine.spec.num_visual) and many.dtype == torch.long
     assert torch.equal(many, torch.cat(singles))
     assert not torch.equal(many[0], many[1])
+
+
+def test_cpu_default_is_the_in_process_engine(engine):
+    assert engine.kind == "inprocess"
+
+
+def test_greedy_n_images_are_one_image_repeated(engine, gen, loop):
+    """vLLM refuses n > 1 with temperature 0; the engine samples once and repeats (greedy samples are equal)."""
+    prefix = gen.vocab.prefix_ids(["shirt"])[0].tolist()
+
+    async def run():
+        return await asyncio.gather(engine.generate(prefix, n=3, temperature=0.0), engine.generate(prefix, n=1))
+
+    many, _ = loop.run_until_complete(run())
+    one = loop.run_until_complete(engine.generate(prefix, temperature=0.0))
+    assert many.shape == (3, engine.spec.num_visual) and torch.equal(many, one.expand(3, -1))
+
+
+def test_cancelled_request_frees_the_engine(engine, gen, loop):
+    prefix = gen.vocab.prefix_ids(["boot"])[0].tolist()
+
+    async def run():
+        task = asyncio.ensure_future(engine.generate(prefix, n=8, seed=1))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return await engine.generate(prefix, seed=2)
+
+    assert loop.run_until_complete(run()).shape == (1, engine.spec.num_visual)
+    assert engine.driver.in_flight == 0
 
 
 def test_bad_requests_raise_value_error(engine, gen, loop):

@@ -30,7 +30,8 @@ def loop():
     pending = asyncio.all_tasks(loop)
     for task in pending:
         task.cancel()
-    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    if pending:  # none with the in-process engine
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
     loop.close()
 
 
@@ -41,7 +42,9 @@ def engine(loop):
     if not (CHECKPOINTS / "gen-draft" / "config.json").is_file():
         pytest.skip("no bundled gen-draft checkpoint")
     draft = SpeculativeDraft(str(CHECKPOINTS / "gen-draft"), num_speculative_tokens=4)
-    engine = VllmImageEngine.start(CHECKPOINTS / "gen-next-token", guidance_scale=SCALE, draft=draft)
+    # vLLM's AsyncLLM (engine core and model in child processes), so its driver is tested too (the CPU default is
+    # the in-process engine, tested in test_vllm_model)
+    engine = VllmImageEngine.start(CHECKPOINTS / "gen-next-token", guidance_scale=SCALE, draft=draft, engine="async")
     yield engine
     engine.shutdown()
 

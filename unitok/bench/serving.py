@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -67,13 +68,13 @@ class ServerProcess:
     response`` when a client sent its next request on a connection that uvicorn's 5 s keep-alive timer was closing
     meanwhile. In the caller's session the clients compete thread by thread, as they would with any server."""
 
-    def __init__(self, path: Path, backend: str, max_n: int, max_queue: int):
+    def __init__(self, path: Path, backend: str, max_n: int, max_queue: int, extra_args: Sequence[str] = ()):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="unitok-serve-", suffix=".log", delete=False)
         command = [sys.executable, "-m", "unitok.cli", "serve", str(path), "--backend", backend]
         command += ["--port", str(self.port), "--max-n", str(max_n), "--max-queue", str(max_queue)]
-        command += ["--log-level", "warning"]
+        command += ["--log-level", "warning", *extra_args]
         self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, process_group=0)
 
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:

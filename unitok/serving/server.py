@@ -11,10 +11,10 @@ Endpoints (OpenAI's shapes, so the official ``openai`` client works; unitok's se
   takes them back);
 - ``GET /v1/models``: the served generators, ``GET /health``: liveness, queue and batching counters.
 
-Backends: next-token generators go through vLLM's AsyncLLM (:mod:`unitok.serving.vllm_engine`) when vllm imports
-(``backend="auto"``, or ``"vllm"`` to insist); everything else, and next-token requests that name one of unitok's
-own decoders (sjd, draft, ...), through the native batching engine (:mod:`unitok.serving.native`), where
-concurrent requests share forwards.
+Backends: next-token generators go through vLLM (:mod:`unitok.serving.vllm_engine`: its LLMEngine stepped in this
+process on CPU, its AsyncLLM elsewhere) when vllm imports (``backend="auto"``, or ``"vllm"`` to insist); everything
+else, and next-token requests that name one of unitok's own decoders (sjd, draft, ...), through the native batching
+engine (:mod:`unitok.serving.native`), where concurrent requests share forwards.
 
 Limits: ``n`` in [1, max_n], prompts up to ``max_prompt_chars``, bodies up to ``max_body_bytes``, at most
 ``max_queue`` generation requests admitted at once (429 beyond, with a message). Every bad request is a 4xx
@@ -486,6 +486,7 @@ class UnitokServer:
             "counters": dict(self.counters),
             "native": self.native.stats.as_dict() if self.native else None,
             "native_waiting": self.native.waiting if self.native else 0,
+            "vllm": {mid: {"engine": e.kind, "guidance_scale": e.guidance_scale} for mid, e in self.vllm.items()},
         }
 
 
