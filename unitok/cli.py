@@ -198,7 +198,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         max_queue=args.max_queue,
         max_batch_images=args.max_batch,
         draft_model=args.draft_model,
-        vllm_options={"engine": args.vllm_engine, "enforce_eager": args.enforce_eager},
+        vllm_options={"enforce_eager": args.enforce_eager},
     )
     # keep-alive past the clients' own 5 s expiry, so a reused idle connection never races the server closing it
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=30)
@@ -283,19 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend",
         choices=["auto", "native", "vllm"],
         default="auto",
-        help="next-token models: vLLM (auto: when vllm imports) or the native batching engine",
-    )
-    serve.add_argument(
-        "--vllm-engine",
-        choices=["auto", "inprocess", "async"],
-        default="auto",
-        help="vLLM's LLMEngine stepped in the server's process (inprocess: what auto picks on CPU, 1.5-2x the "
-        "throughput there) or its AsyncLLM with engine core and model in child processes (async: auto on GPU)",
+        help="next-token models: vLLM's AsyncLLM (auto: when vllm imports) or the native batching engine",
     )
     serve.add_argument(
         "--enforce-eager",
         action="store_true",
-        help="vLLM without torch.compile: starts in ~20 s instead of ~45 s, decodes ~30%% slower on CPU",
+        help="vLLM without torch.compile: starts in ~20 s instead of ~50 s, decodes ~30%% slower on CPU",
     )
     serve.add_argument("--max-n", type=int, default=16, help="samples per request (default 16)")
     serve.add_argument("--max-queue", type=int, default=64, help="requests admitted at once; more get 429")

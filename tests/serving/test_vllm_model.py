@@ -167,7 +167,10 @@ def test_visual_vocabulary_only(engine, gen, loop):
     prompt = spec.prompt(gen.vocab.prefix_ids(["sneaker"])[0].tolist())
 
     async def run():
-        return (await engine.driver.run(prompt, params, "visual-only")).outputs[0]
+        final = None
+        async for out in engine.llm.generate({"prompt_token_ids": prompt}, params, request_id="visual-only"):
+            final = out
+        return final.outputs[0]
 
     out = loop.run_until_complete(run())
     assert len(out.token_ids) == spec.num_visual
@@ -190,8 +193,14 @@ def test_n_images_follow_seed_plus_index(engine, gen, loop):
     assert not torch.equal(many[0], many[1])
 
 
-def test_cpu_default_is_the_in_process_engine(engine):
-    assert engine.kind == "inprocess"
+def test_cpu_engine_core_runs_the_model(engine):
+    """vLLM's CPU default (a third, single-threaded ``VLLM::Worker`` process busy-polling the engine core) decoded
+    27 images/s where the engine core running the model decodes 35-50 on the 2-core machine."""
+    import psutil
+
+    assert engine.llm.vllm_config.parallel_config.distributed_executor_backend == "uni"
+    names = [p.name() for p in psutil.Process().children(recursive=True)]
+    assert "VLLM::EngineCore" in names and "VLLM::Worker" not in names
 
 
 def test_greedy_n_images_are_one_image_repeated(engine, gen, loop):
@@ -218,7 +227,6 @@ def test_cancelled_request_frees_the_engine(engine, gen, loop):
         return await engine.generate(prefix, seed=2)
 
     assert loop.run_until_complete(run()).shape == (1, engine.spec.num_visual)
-    assert engine.driver.in_flight == 0
 
 
 def test_bad_requests_raise_value_error(engine, gen, loop):

