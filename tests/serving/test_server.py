@@ -136,6 +136,10 @@ def test_malformed_json_and_unknown_model(server, client):
         client.completions.create(model="gen-next-token", prompt="bag", max_tokens=10)
     with pytest.raises(openai.BadRequestError, match="stream"):
         client.completions.create(model="gen-next-token", prompt="bag", stream=True)
+    with pytest.raises(openai.BadRequestError, match="logprobs come from vLLM"):  # a native-backend server
+        client.completions.create(model="gen-next-token", prompt="bag", logprobs=1)
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.completions.create(model="gen-next-token", prompt="bag", logprobs=9)
     huge = json.dumps({"prompt": "sneaker", "user": "x" * (1 << 21)})
     assert _post(server, "/v1/images/generations", huge).status_code == 413
     assert httpx.get(f"{server.url}/v1/nothing", timeout=10).status_code == 404

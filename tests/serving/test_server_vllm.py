@@ -52,6 +52,29 @@ def test_images_through_vllm(vllm_server):
         client.images.generate(model="gen-next-token", prompt="spaceship")
 
 
+def test_completion_logprobs_are_the_guided_distribution(vllm_server):
+    """Through the live server: the log-prob of every sampled token is the HF model's guided log-prob of it, for the
+    request's own class (and not another class's)."""
+    import openai
+    import torch
+
+    from unitok.decoding.cfg import next_token_guided_logprobs
+    from unitok.model.pretrained import load_generator
+
+    gen = load_generator(CHECKPOINTS / "gen-next-token")
+    client = openai.OpenAI(base_url=f"{vllm_server.url}/v1", api_key="x", max_retries=0, timeout=300)
+    out = client.completions.create(model="gen-next-token", prompt=["bag", "sneaker"], seed=4, logprobs=2)
+    tokens = torch.tensor([[int(t) for t in c.text.split()] for c in out.choices])
+    served = torch.tensor([c.logprobs.token_logprobs for c in out.choices])
+    for choice, row in zip(out.choices, tokens, strict=True):
+        assert choice.logprobs.tokens == [str(int(t)) for t in row]
+        assert all(len(top) == 2 and max(top.values()) <= 0 for top in choice.logprobs.top_logprobs)
+    reference = next_token_guided_logprobs(gen, ["bag", "sneaker"], tokens, 3.0).gather(-1, tokens[..., None])[..., 0]
+    assert (served - reference).abs().max() < 1e-2
+    swapped = next_token_guided_logprobs(gen, ["sneaker", "bag"], tokens, 3.0).gather(-1, tokens[..., None])[..., 0]
+    assert (served - swapped).abs().max() > 0.1
+
+
 def test_server_runs_in_the_callers_session(vllm_server):
     """Regression: ``ServerProcess`` used ``start_new_session``, which made the server (with vLLM's busy-polling engine
     core and worker) its own scheduler autogroup; on 2 cores it starved the benchmark's clients for seconds

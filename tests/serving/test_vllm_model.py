@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("vllm", exc_type=ImportError)
 
 from unitok.decoding.block import decode_blocks  # noqa: E402
+from unitok.decoding.cfg import next_token_guided_logprobs  # noqa: E402
 from unitok.decoding.sampling import SamplingConfig  # noqa: E402
 from unitok.model.pretrained import load_generator  # noqa: E402
 
@@ -54,20 +55,8 @@ def gen():
     return load_generator(CHECKPOINT)
 
 
-@torch.no_grad()
 def hf_logprobs(gen, conditions: list, tokens: torch.Tensor, scale: float = SCALE) -> torch.Tensor:
-    """(B, N, V) guided, visual-only log-probs of the HF model at every step of ``tokens`` (B, N) (teacher forced:
-    conditional rows, then null rows, in one forward; logits combined as ``u + s (c - u)``)."""
-    layout, visual, vocab = gen.layout(), gen.visual, gen.vocab
-    batch = tokens.shape[0]
-    body = torch.cat([torch.full((batch, 1), visual.boi_id), tokens[:, :-1] + visual.offset], 1)  # (B, N)
-    prefixes = torch.cat([vocab.prefix_ids(conditions), vocab.prefix_ids([None]).expand(batch, -1)])  # (2B, P)
-    ids = torch.cat([prefixes, body.repeat(2, 1)], 1)  # (2B, L)
-    positions = layout.positions[:, None].expand(-1, 2 * batch, -1)  # (3, 2B, L)
-    logits = gen.model(input_ids=ids, position_ids=positions).logits[:, layout.prefix_len :]  # (2B, N, vocab)
-    logits = logits[..., visual.offset : visual.offset + visual.size].float()
-    guided = torch.lerp(logits[batch:], logits[:batch], scale)
-    return torch.log_softmax(guided, dim=-1)
+    return next_token_guided_logprobs(gen, conditions, tokens, scale)
 
 
 def test_plugin_is_installed_and_unitok_does_not_import_vllm():

@@ -17,12 +17,19 @@ HF and vLLM are measured in ``--rounds`` alternating rounds (default 3) while th
 round of each is reported (every round is in ``rounds_images_per_s``): on a 2-core machine any other process moves
 either figure by 2-5x, and a baseline measured at a different moment than the server is not a comparison.
 
-``cfg_pair_divergences`` counts images where the conditional and unconditional halves of classifier-free guidance
-may have come apart under load. Two checks, both through the vLLM server: (1) every image of the concurrent run
-is requested again alone with the same seed and must come back identical (a pair split by the scheduler would
-depend on what else was running); (2) ``--clients`` concurrent greedy requests (temperature 0) must give the tokens
-of unitok's reference block decoder at the same guidance, except where the two implementations' guided logits tie
-within ``TIE_TOLERANCE`` at the first differing token (float rounding; counted apart as ``greedy_ties``).
+``cfg_pair_divergences`` counts samples where the conditional and unconditional halves of classifier-free guidance
+may have come apart under load. Two checks, both through the vLLM server: (1) the ``--n`` prompts and seeds again as
+``--clients`` concurrent ``/v1/completions`` requests with ``logprobs=0``: the log-prob vLLM reports for every
+sampled token must equal the HF model's guided log-prob of that token (teacher forced on the same tokens, the
+request's own condition) within ``LOGPROB_TOLERANCE`` (a split pair, or one stream reading another request's keys,
+moves it by far more); (2) ``--clients`` concurrent greedy requests (temperature 0) must give the tokens of unitok's
+reference block decoder at the same guidance, except where the two implementations' guided logits tie within
+``TIE_TOLERANCE`` at the first differing token (float rounding; counted apart as ``greedy_ties``).
+
+Reported beside them, not counted: ``batched_vs_solo_mismatches``, images of the concurrent run that differ when
+requested again alone with the same seed. A sampled token flips when float rounding that depends on the batch's
+shape (torch.compile and oneDNN pick kernels per shape) moves two candidates' Gumbel-perturbed scores past each
+other; (1) tells such a flip, where the distribution is the same, from a divergence, where it is not.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from unitok.model.pretrained import load_generator
 
 CHECKPOINT_ROOT = Path(__file__).resolve().parents[2] / "checkpoints"
 TIE_TOLERANCE = 1e-3  # guided-logit gap below which two implementations may legitimately pick different argmaxes
+LOGPROB_TOLERANCE = 1e-2  # |vLLM - HF| guided log-prob of a sampled token (fp32 kernels: ~1e-4; a split pair: > 0.1)
 START_TIMEOUT_S = 600
 
 
@@ -229,6 +237,57 @@ def _greedy_divergences(url: str, gen, names: list[str], clients: int, guidance:
     return {"greedy_requests": clients, "greedy_mismatches": mismatches, "greedy_ties": ties, "errors": errors}
 
 
+def _logprob_divergences(url: str, gen, jobs: list[tuple[str, int]], clients: int, guidance: float) -> dict:
+    """``jobs`` as ``clients`` concurrent ``/v1/completions`` requests with ``logprobs=0``: every sampled token's
+    log-prob (vLLM's guided distribution) must equal the HF model's guided log-prob of that token given the same
+    tokens before it, for the request's own condition, within ``LOGPROB_TOLERANCE``."""
+    from unitok.decoding.cfg import next_token_guided_logprobs
+
+    client = _client(url)
+    served: dict[int, tuple[list[int], list[float]]] = {}
+    errors: list[str] = []
+    cursor = iter(range(len(jobs)))
+    lock = threading.Lock()
+
+    def worker():
+        while True:
+            with lock:
+                i = next(cursor, None)
+            if i is None:
+                return
+            prompt, seed = jobs[i]
+            try:
+                out = client.completions.create(model="gen-next-token", prompt=prompt, seed=seed, logprobs=0)
+                choice = out.choices[0]
+                with lock:
+                    served[i] = ([int(t) for t in choice.text.split()], list(choice.logprobs.token_logprobs))
+            except Exception as err:
+                with lock:
+                    errors.append(f"{type(err).__name__}: {err}")
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    divergences, worst = 0, 0.0
+    order = sorted(served)
+    for start in range(0, len(order), 16):
+        chunk = order[start : start + 16]
+        tokens = torch.tensor([served[i][0] for i in chunk])
+        reference = next_token_guided_logprobs(gen, [jobs[i][0] for i in chunk], tokens, guidance)
+        reference = reference.gather(-1, tokens[..., None])[..., 0]  # (B, N)
+        error = (torch.tensor([served[i][1] for i in chunk]) - reference).abs().amax(dim=1)  # (B,)
+        divergences += int((error > LOGPROB_TOLERANCE).sum())
+        worst = max(worst, float(error.max()))
+    return {
+        "logprob_requests": len(served),
+        "logprob_divergences": divergences,
+        "max_logprob_error": worst,
+        "errors": errors,
+    }
+
+
 def _solo_divergences(url: str, model: str, jobs: list[tuple[str, int]], concurrent: dict[int, str]) -> dict:
     """Each image of the concurrent run requested again alone (same seed) must come back identical."""
     client = _client(url)
@@ -296,7 +355,8 @@ def run(args: argparse.Namespace) -> dict:
             summary, hf = measured["summary"], measured["hf"]
             solo = _solo_divergences(server.url, "gen-next-token", jobs, measured["load"]["images"])
             greedy = _greedy_divergences(server.url, gen, names, args.clients, guidance)
-        messages += solo["errors"] + greedy["errors"]
+            paired = _logprob_divergences(server.url, gen, jobs, args.clients, guidance)
+        messages += solo["errors"] + greedy["errors"] + paired["errors"]
         errors += len(messages)
         if messages:
             print(f"{len(messages)} failed request(s) on the vLLM server; first: {messages[0]}")
@@ -306,12 +366,19 @@ def run(args: argparse.Namespace) -> dict:
             ratio=summary["images_per_s"] / hf["images_per_s"],
             p50_latency_s=summary["p50_latency_s"],
             p99_latency_s=summary["p99_latency_s"],
-            cfg_pair_divergences=solo["batched_vs_solo_mismatches"] + greedy["greedy_mismatches"],
+            cfg_pair_divergences=paired["logprob_divergences"] + greedy["greedy_mismatches"],
         )
-        solo.pop("errors")
-        greedy.pop("errors")
+        for part in (solo, greedy, paired):
+            part.pop("errors")
         result["hf"] = hf
-        result["vllm"] = {**summary, **solo, **greedy, "errors": len(messages), "error_messages": messages[:5]}
+        result["vllm"] = {
+            **summary,
+            **paired,
+            **greedy,
+            **solo,
+            "errors": len(messages),
+            "error_messages": messages[:5],
+        }
     else:
         hf = hf_round()
         result.update(hf_generate_images_per_s=hf["images_per_s"], hf=hf)

@@ -85,3 +85,24 @@ def guide(logits: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
         raise ValueError(f"CFG needs an even number of rows (cond then uncond), got {logits.shape[0]}")
     cond, uncond = logits.float().chunk(2)
     return torch.lerp(uncond, cond, scale)  # uncond + scale * (cond - uncond), one op
+
+
+@torch.no_grad()
+def next_token_guided_logprobs(gen, conditions: list, tokens: torch.Tensor, scale: float) -> torch.Tensor:
+    """(B, N, V) guided, visual-only log-probs of a next-token generator ``gen`` at every step of ``tokens`` (B, N)
+    visual indices, teacher forced: conditional rows then null rows in one forward, logits combined as
+    ``u + s (c - u)``. The distribution every sampled token of a correct CFG implementation comes from (the vLLM
+    parity tests and ``unitok bench serving`` compare against it)."""
+    if gen.spec.mode != "next-token":
+        raise ValueError(f"teacher-forced log-probs need a next-token generator, got a {gen.spec.mode} one")
+    layout, visual, vocab = gen.layout(), gen.visual, gen.vocab
+    batch = tokens.shape[0]
+    if len(conditions) != batch:
+        raise ValueError(f"{len(conditions)} conditions for {batch} token rows")
+    body = torch.cat([torch.full((batch, 1), visual.boi_id), tokens[:, :-1] + visual.offset], 1)  # (B, N)
+    prefixes = torch.cat([vocab.prefix_ids(conditions), vocab.prefix_ids([None]).expand(batch, -1)])  # (2B, P)
+    ids = torch.cat([prefixes, body.repeat(2, 1)], 1)  # (2B, L)
+    positions = layout.positions[:, None].expand(-1, 2 * batch, -1)  # (3, 2B, L)
+    logits = gen.model(input_ids=ids, position_ids=positions).logits[:, layout.prefix_len :]  # (2B, N, vocab)
+    logits = logits[..., visual.offset : visual.offset + visual.size].float()
+    return torch.log_softmax(torch.lerp(logits[batch:], logits[:batch], scale), dim=-1)

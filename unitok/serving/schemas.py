@@ -169,6 +169,13 @@ class CompletionRequest(GenerationFields):
     max_tokens: int | None = Field(None, ge=1, description="must cover a whole sample if given")
     stream: bool = False
     echo: bool = False
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=5,
+        description="log-probabilities of the sampled tokens (and the top k) under the guided distribution; "
+        "requests served by vLLM only",
+    )
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -226,10 +233,19 @@ class VideosResponse(BaseModel):
     model: str
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completions shape; a token is a visual id as text (the words of ``text``)."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     text: str
     index: int
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] = "stop"
 
 

@@ -54,6 +54,7 @@ from unitok.serving.native import BatchKey, NativeEngine, NativeRequest, QueueFu
 from unitok.serving.pixels import PixelBatcher
 from unitok.serving.schemas import (
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     CompletionUsage,
@@ -188,6 +189,7 @@ class Generated:
     tokens: torch.Tensor  # (rows, N)
     seed: int | None
     pixels: torch.Tensor | None = None  # decoded already (native engine), else decode ``tokens``
+    logprobs: list[list[dict[int, float]]] | None = None  # per row and step, {visual id: log-prob} (vLLM only)
 
 
 class UnitokServer:
@@ -367,71 +369,99 @@ class UnitokServer:
             )
 
     async def generate(
-        self, request: Request, fields: GenerationFields, conditions: list, video: bool, pixels: bool = False
+        self,
+        request: Request,
+        fields: GenerationFields,
+        conditions: list,
+        video: bool,
+        pixels: bool = False,
+        logprobs: int | None = None,
     ) -> Generated:
         """Validate, admit (or 429), run on the right backend while watching the client, and return tokens (and
-        ``pixels`` when asked)."""
+        ``pixels`` when asked; the top-``logprobs`` log-probs of every step with ``logprobs``, vLLM only)."""
         plan = self.plan(fields, conditions, video)
+        if logprobs is not None and self._vllm_engine(plan) is None:
+            raise ApiError(
+                400,
+                "logprobs come from vLLM: a next-token generator served with --backend vllm/auto, decoder 'block', "
+                "no guidance schedule and the engine's guidance scale",
+                param="logprobs",
+            )
         self.check_capacity()
         self.in_flight += 1
         try:
-            out = await self.run(plan, request, pixels=pixels)
+            out = await self.run(plan, request, pixels=pixels, logprobs=logprobs)
             if pixels and out.pixels is None:  # vLLM's tokens: decoded with concurrent requests' in one batch
                 out.pixels = await self.pixels.decode(out.gen.codec, out.tokens)
             return out
         finally:
             self.in_flight -= 1
 
+    def _vllm_engine(self, plan: Plan, streaming: bool = False):
+        """The vLLM engine that serves ``plan``, or None: vLLM runs plain AR sampling at the scale its engine was
+        started with; the rest goes native."""
+        engine = self.vllm.get(plan.served.id)
+        fields, guidance = plan.fields, plan.guidance
+        plain = fields.decoder == "block" and guidance.constant and not streaming
+        return engine if engine is not None and plain and guidance.scale == engine.guidance_scale else None
+
     async def run(
-        self, plan: Plan, request: Request | None, on_tokens: TokensCallback | None = None, pixels: bool = False
+        self,
+        plan: Plan,
+        request: Request | None,
+        on_tokens: TokensCallback | None = None,
+        pixels: bool = False,
+        logprobs: int | None = None,
     ) -> Generated:
         """Run an admitted plan; with ``request``, cancel it when that client disconnects. ``on_tokens`` (streaming)
-        forces the native engine."""
+        forces the native engine; ``logprobs`` needs vLLM."""
         fields, guidance = plan.fields, plan.guidance
         self.counters["requests"] += 1
-        engine = self.vllm.get(plan.served.id)
-        # vLLM runs plain AR sampling at the scale its engine was started with; the rest goes native
-        plain = fields.decoder == "block" and guidance.constant and on_tokens is None
-        if engine is not None and plain and guidance.scale == engine.guidance_scale:
+        engine = self._vllm_engine(plan, streaming=on_tokens is not None)
+        if engine is not None:
             self.counters["vllm_requests"] += 1
-            work = self._vllm_generate(engine, plan.gen, plan.conditions, fields.n, plan.sampling, fields.seed)
+            work = self._vllm_generate(
+                engine, plan.gen, plan.conditions, fields.n, plan.sampling, fields.seed, logprobs
+            )
         else:
             self.counters["native_requests"] += 1
             options = tuple(sorted(fields.decoder_options().items()))
             key = BatchKey(plan.served.id, guidance, plan.sampling, fields.decoder, options)
             rows = [c for c in plan.conditions for _ in range(fields.n)]
             work = self._native_generate(NativeRequest(key, rows, fields.seed, on_tokens, pixels))
-        tokens, seed, decoded = await (work if request is None else self._watch(request, work))
-        return Generated(plan.served, plan.gen, tokens, seed, decoded)
+        tokens, seed, decoded, steps = await (work if request is None else self._watch(request, work))
+        return Generated(plan.served, plan.gen, tokens, seed, decoded, steps)
 
-    async def _native_generate(self, request: NativeRequest) -> tuple[torch.Tensor, int | None, torch.Tensor | None]:
+    async def _native_generate(
+        self, request: NativeRequest
+    ) -> tuple[torch.Tensor, int | None, torch.Tensor | None, None]:
         try:
             result = await self.native.generate(request)
         except QueueFullError as err:
             self.counters["rejected_busy"] += 1
             raise ApiError(429, str(err), "rate_limit_error") from None
-        return result.tokens, result.seed, result.pixels
+        return result.tokens, result.seed, result.pixels, None
 
     async def _vllm_generate(
-        self, engine, gen: Generator, conditions: list, n: int, sampling: SamplingConfig, seed: int | None
-    ) -> tuple[torch.Tensor, int, None]:
+        self,
+        engine,
+        gen: Generator,
+        conditions: list,
+        n: int,
+        sampling: SamplingConfig,
+        seed: int | None,
+        logprobs: int | None = None,
+    ) -> tuple[torch.Tensor, int, None, list | None]:
         """Sample ``i`` of the request has seed ``seed + i`` (vLLM's parallel-sampling rule: condition ``j``'s
         ``n`` samples start at ``seed + j * n``); a request without a seed gets a random one."""
         seed = secrets.randbits(31) if seed is None else seed
         calls = [  # concurrently: vLLM schedules the prompts' sequences together
-            engine.generate(
-                gen.vocab.prefix_ids([condition])[0].tolist(),
-                n,
-                engine.guidance_scale,
-                seed + j * n,
-                sampling.temperature,
-                sampling.top_k,
-                sampling.top_p,
-            )
+            engine.sample(gen.vocab.prefix_ids([condition])[0].tolist(), n, seed + j * n, sampling, logprobs)
             for j, condition in enumerate(conditions)
         ]
         parts = await asyncio.gather(*calls)
-        return torch.cat(parts).long(), seed, None
+        steps = [row for part in parts for row in part.logprobs] if logprobs is not None else None
+        return torch.cat([part.tokens for part in parts]).long(), seed, None, steps
 
     async def _watch(self, request: Request, work):
         """Await ``work`` (a coroutine); if the client disconnects first, cancel it and raise."""
@@ -671,9 +701,16 @@ def create_app(
                 f"max_tokens={body.max_tokens} cannot hold a sample of {gen.spec.num_tokens} visual tokens",
                 param="max_tokens",
             )
-        out = await _guard(server.generate(request, body, body.conditions, video=served.video))
+        out = await _guard(server.generate(request, body, body.conditions, video=served.video, logprobs=body.logprobs))
         rows = out.tokens.tolist()
-        choices = [CompletionChoice(text=" ".join(map(str, r)), index=i) for i, r in enumerate(rows)]
+        choices = [
+            CompletionChoice(
+                text=" ".join(map(str, r)),
+                index=i,
+                logprobs=None if out.logprobs is None else _completion_logprobs(r, out.logprobs[i], body.logprobs),
+            )
+            for i, r in enumerate(rows)
+        ]
         prompt_tokens = gen.vocab.prefix_len * len(rows)
         completion_tokens = gen.spec.num_tokens * len(rows)
         usage = CompletionUsage(
@@ -691,6 +728,24 @@ def create_app(
         )
 
     return app
+
+
+def _completion_logprobs(row: list[int], steps: list[dict[int, float]], top: int) -> CompletionLogprobs:
+    """One sample's log-probs in OpenAI's legacy completions shape (tokens are the words of the choice's text)."""
+    words = [str(t) for t in row]
+    offsets = [0]
+    for word in words[:-1]:
+        offsets.append(offsets[-1] + len(word) + 1)
+    return CompletionLogprobs(
+        tokens=words,
+        token_logprobs=[step[t] for t, step in zip(row, steps, strict=True)],
+        top_logprobs=[
+            dict(sorted(((str(k), v) for k, v in step.items()), key=lambda kv: -kv[1])[:top]) for step in steps
+        ]
+        if top
+        else None,
+        text_offset=offsets,
+    )
 
 
 async def _stream_image(server: UnitokServer, plan: Plan, scale: int, partial_images: int):
