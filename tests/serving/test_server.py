@@ -9,6 +9,7 @@ import socket
 import threading
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import torch
@@ -86,6 +87,37 @@ def test_video_gif(server, client):
     assert len(out["data"]) == 1 and out["size"] == "32x32" and out["seed"] == 0
     gif = Image.open(io.BytesIO(base64.b64decode(out["data"][0]["b64_gif"])))
     assert gif.format == "GIF" and gif.size == (32, 32) and gif.n_frames == out["data"][0]["frames"] == 8
+
+
+def test_video_mp4_holds_the_same_frames(server, client):
+    av = pytest.importorskip("av")
+    body = {"model": "gen-video-next-block", "prompt": "coat", "seed": 0, "fps": 4, "size": "64x64"}
+    gif_out = client.post("/videos/generations", body=body, cast_to=httpx.Response).json()
+    mp4_out = client.post("/videos/generations", body={**body, "response_format": "b64_mp4"}, cast_to=httpx.Response)
+    data = mp4_out.json()["data"][0]
+    assert data["frames"] == 8 and data["b64_gif"] is None
+    with av.open(io.BytesIO(base64.b64decode(data["b64_mp4"]))) as container:
+        stream = container.streams.video[0]
+        assert container.format.name.startswith("mov,mp4") and stream.codec_context.name == "h264"
+        assert (stream.width, stream.height) == (64, 64) and stream.average_rate == 4
+        frames = np.stack([f.to_ndarray(format="gray") for f in container.decode(video=0)])
+    gif = Image.open(io.BytesIO(base64.b64decode(gif_out["data"][0]["b64_gif"])))
+    reference = []
+    for i in range(gif.n_frames):
+        gif.seek(i)
+        reference.append(np.asarray(gif.convert("L")))
+    assert frames.shape == (8, 64, 64)
+    assert np.abs(frames.astype(int) - np.stack(reference)).mean() < 4  # H.264 at CRF 12: near lossless
+
+
+def test_mp4_without_pyav_is_a_400(server, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "av", None)  # import av -> ImportError
+    body = {"model": "gen-video-next-block", "prompt": "coat", "response_format": "b64_mp4"}
+    response = _post(server, "/v1/videos/generations", json.dumps(body))
+    assert response.status_code == 400 and "needs PyAV" in response.json()["error"]["message"]
+    assert server.health()["status"] == "ok"
 
 
 def _post(server, path: str, content: bytes | str, headers: dict | None = None) -> httpx.Response:

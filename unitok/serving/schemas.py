@@ -154,10 +154,12 @@ class ImageGenerationRequest(GenerationFields):
 
 
 class VideoGenerationRequest(GenerationFields):
-    """``POST /v1/videos/generations``: animated GIF clips from a video generator."""
+    """``POST /v1/videos/generations``: animated GIF or H.264 MP4 clips from a video generator."""
 
     size: str | None = None
-    response_format: Literal["b64_gif"] = Field("b64_gif", description="base64 animated GIF (no MP4: no encoder)")
+    response_format: Literal["b64_gif", "b64_mp4"] = Field(
+        "b64_gif", description="base64 animated GIF, or base64 H.264 MP4 (needs PyAV, in the serve extra)"
+    )
     fps: int = Field(6, ge=1, le=60)
 
 
@@ -220,7 +222,8 @@ class ImagesResponse(BaseModel):
 
 
 class VideoData(BaseModel):
-    b64_gif: str
+    b64_gif: str | None = None
+    b64_mp4: str | None = None
     frames: int
 
 
