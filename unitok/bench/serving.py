@@ -11,7 +11,10 @@ The LlamaGen comparison, on the bundled next-token generator at its recommended 
 - ``native_block_images_per_s``: the same load on ``unitok serve gen-next-block`` (the native batching engine);
   ``native_token_images_per_s``: on ``unitok serve gen-next-token --backend native`` (the native engine's plain AR
   loop, for comparison with vLLM on the same model);
-- ``p50_latency_s`` / ``p99_latency_s``: per-request latency of the vLLM run (the native runs' in their entries).
+- ``p50_latency_s`` / ``p99_latency_s``: per-request latency of the vLLM run (the native runs' in their entries);
+- ``vllm_engine_images_per_s``: the same prompts and seeds straight into vLLM's engine from ``--clients``
+  concurrent coroutines (no HTTP, no pixels, no PNG), and ``vllm_engine_ratio`` against HF: how much of vLLM's
+  speed the server passes on.
 
 HF and vLLM are measured in ``--rounds`` alternating rounds (default 3) while the vLLM server is up, and the median
 round of each is reported (every round is in ``rounds_images_per_s``): on a 2-core machine any other process moves
@@ -35,6 +38,7 @@ other; (1) tells such a flip, where the distribution is the same, from a diverge
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import signal
 import socket
@@ -288,6 +292,43 @@ def _logprob_divergences(url: str, gen, jobs: list[tuple[str, int]], clients: in
     }
 
 
+def _engine_alone(
+    path: Path, gen, jobs: list[tuple[str, int]], clients: int, sampling: SamplingConfig, rounds: int
+) -> dict:
+    """The same prompts and seeds straight into a :class:`VllmImageEngine` (torch.compile, like the server) from
+    ``clients`` concurrent coroutines, no HTTP, no pixels: what the server's vLLM backend could reach. Median of
+    ``rounds``."""
+    from unitok.serving.vllm_engine import VllmImageEngine
+
+    prefixes = {name: gen.vocab.prefix_ids([name])[0].tolist() for name, _ in jobs}
+    engine = VllmImageEngine.start(path, enforce_eager=False)
+    loop = asyncio.new_event_loop()
+
+    async def load(items: list[tuple[str, int]]) -> float:
+        cursor = iter(items)
+
+        async def worker():
+            for name, seed in cursor:
+                await engine.sample(prefixes[name], 1, seed, sampling)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        return len(items) / (time.perf_counter() - start)
+
+    try:
+        loop.run_until_complete(load(jobs[:clients]))  # warm-up
+        measured = [loop.run_until_complete(load(jobs)) for _ in range(rounds)]
+    finally:
+        engine.shutdown()
+        pending = asyncio.all_tasks(loop)  # vLLM's output handler, cancelled by the shutdown
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.close()
+    return {"images_per_s": sorted(measured)[rounds // 2], "rounds_images_per_s": measured, "clients": clients}
+
+
 def _solo_divergences(url: str, model: str, jobs: list[tuple[str, int]], concurrent: dict[int, str]) -> dict:
     """Each image of the concurrent run requested again alone (same seed) must come back identical."""
     client = _client(url)
@@ -379,6 +420,11 @@ def run(args: argparse.Namespace) -> dict:
             "errors": len(messages),
             "error_messages": messages[:5],
         }
+        print(f"vLLM engine alone (no HTTP): {args.clients} concurrent requests, {args.n} images")
+        engine = _engine_alone(token_dir, gen, jobs, args.clients, sampling, args.rounds)
+        result["vllm_engine_images_per_s"] = engine["images_per_s"]
+        result["vllm_engine_ratio"] = engine["images_per_s"] / hf["images_per_s"]
+        result["vllm_engine"] = engine
     else:
         hf = hf_round()
         result.update(hf_generate_images_per_s=hf["images_per_s"], hf=hf)
