@@ -10,7 +10,7 @@ On vLLM's CPU platform the engine core runs the model itself (``distributed_exec
 caller's torch thread count, unless ``engine_args`` say otherwise. vLLM's CPU defaults put the model in a third
 process with one thread bound to one core, busy-polling the engine core through shared memory; on the 2-core
 machine that decoded 27 images/s of the bundled model (16 concurrent requests, eager) where the engine core running
-the model decodes 35 with one thread, ~50 compiled with two.
+the model decodes 35 with one thread, ~58 compiled with two (``unitok bench serving``: vllm_engine_images_per_s).
 
 The guidance scale is the engine's (``guidance_scale`` at :meth:`VllmImageEngine.start`, default the checkpoint's
 ``generation.guidance_scale``); a request asking for another scale gets a ``ValueError``. Seeds follow vLLM's
