@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -12,6 +13,17 @@ import pytest
 import uvicorn
 
 CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
+
+
+@pytest.fixture(scope="module")
+def loop():
+    """One event loop for a module's vLLM engine (vLLM binds its output handler to the loop of the first request);
+    closed after the engine fixture has shut the engine down."""
+    from unitok.serving.vllm_engine import close_loop
+
+    loop = asyncio.new_event_loop()
+    yield loop
+    close_loop(loop)
 
 
 class RunningServer:

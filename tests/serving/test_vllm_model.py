@@ -26,20 +26,6 @@ ATOL = 2e-3  # fp32 log-probs of the same model, different kernels and batch sha
 
 
 @pytest.fixture(scope="module")
-def loop():
-    loop = asyncio.new_event_loop()  # one loop for the engine's life: vLLM binds its output handler to it
-    yield loop
-    # The engine's shutdown cancels its output handler, which holds a ZMQ socket; let the cancellation run, or
-    # the ZMQ context blocks the interpreter's exit.
-    pending = asyncio.all_tasks(loop)
-    for task in pending:
-        task.cancel()
-    if pending:  # none with the in-process engine
-        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-    loop.close()
-
-
-@pytest.fixture(scope="module")
 def engine(loop):
     from unitok.serving.vllm_engine import VllmImageEngine
 

@@ -47,8 +47,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -134,13 +135,13 @@ def _client(url: str):
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
 
 
-def _load(url: str, model: str, jobs: list[tuple[str, int]], clients: int) -> dict:
-    """``jobs`` (prompt, seed) sent by ``clients`` threads, one image per request; wall time, latencies, images."""
-    client = _client(url)
-    results: dict[int, str] = {}
-    latencies: list[float] = []
+def _concurrently(count: int, clients: int, call: Callable[[int], Any]) -> tuple[dict[int, Any], list[str], float]:
+    """``call(i)`` for ``i`` in ``range(count)`` from ``clients`` threads taking the next ``i`` as they finish (like
+    clients sending their next request); the results by ``i``, the failures' messages (counted and reported, the
+    load goes on) and the wall time."""
+    results: dict[int, Any] = {}
     errors: list[str] = []
-    cursor = iter(range(len(jobs)))
+    cursor = iter(range(count))
     lock = threading.Lock()
 
     def worker():
@@ -149,18 +150,14 @@ def _load(url: str, model: str, jobs: list[tuple[str, int]], clients: int) -> di
                 i = next(cursor, None)
             if i is None:
                 return
-            prompt, seed = jobs[i]
-            start = time.perf_counter()
             try:
-                out = client.images.generate(
-                    model=model, prompt=prompt, n=1, response_format="b64_json", extra_body={"seed": seed}
-                )
-                with lock:
-                    latencies.append(time.perf_counter() - start)
-                    results[i] = out.data[0].b64_json
-            except Exception as err:  # counted and reported, the load goes on
+                result = call(i)
+            except Exception as err:
                 with lock:
                     errors.append(f"{type(err).__name__}: {err}")
+            else:
+                with lock:
+                    results[i] = result
 
     threads = [threading.Thread(target=worker) for _ in range(clients)]
     start = time.perf_counter()
@@ -168,8 +165,24 @@ def _load(url: str, model: str, jobs: list[tuple[str, int]], clients: int) -> di
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - start
-    return {"wall": wall, "latencies": latencies, "images": results, "errors": errors}
+    return results, errors, time.perf_counter() - start
+
+
+def _load(url: str, model: str, jobs: list[tuple[str, int]], clients: int) -> dict:
+    """``jobs`` (prompt, seed) sent by ``clients`` threads, one image per request; wall time, latencies, images."""
+    client = _client(url)
+
+    def call(i: int) -> tuple[float, str]:
+        prompt, seed = jobs[i]
+        start = time.perf_counter()
+        out = client.images.generate(
+            model=model, prompt=prompt, n=1, response_format="b64_json", extra_body={"seed": seed}
+        )
+        return time.perf_counter() - start, out.data[0].b64_json
+
+    done, errors, wall = _concurrently(len(jobs), clients, call)
+    latencies = [latency for latency, _ in done.values()]
+    return {"wall": wall, "latencies": latencies, "images": {i: b64 for i, (_, b64) in done.items()}, "errors": errors}
 
 
 def _summary(run: dict) -> dict:
@@ -202,21 +215,12 @@ def _greedy_divergences(url: str, gen, names: list[str], clients: int, guidance:
 
     client = _client(url)
     prompts = [names[i % len(names)] for i in range(clients)]
-    served: dict[int, list[int]] = {}
-    errors: list[str] = []
 
-    def call(i):
-        try:
-            out = client.completions.create(model="gen-next-token", prompt=prompts[i], temperature=0, seed=0)
-            served[i] = [int(t) for t in out.choices[0].text.split()]
-        except Exception as err:
-            errors.append(f"{type(err).__name__}: {err}")
+    def call(i: int) -> list[int]:
+        out = client.completions.create(model="gen-next-token", prompt=prompts[i], temperature=0, seed=0)
+        return [int(t) for t in out.choices[0].text.split()]
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    served, errors, _ = _concurrently(clients, clients, call)
     vocab, layout, visual, model = gen.vocab, gen.layout(), gen.visual, gen.model
     reference = decode_blocks(
         model, layout, vocab.prefix_ids(prompts), visual, guidance, vocab.prefix_ids([None]), SamplingConfig(0.0)
@@ -248,32 +252,13 @@ def _logprob_divergences(url: str, gen, jobs: list[tuple[str, int]], clients: in
     from unitok.decoding.cfg import next_token_guided_logprobs
 
     client = _client(url)
-    served: dict[int, tuple[list[int], list[float]]] = {}
-    errors: list[str] = []
-    cursor = iter(range(len(jobs)))
-    lock = threading.Lock()
 
-    def worker():
-        while True:
-            with lock:
-                i = next(cursor, None)
-            if i is None:
-                return
-            prompt, seed = jobs[i]
-            try:
-                out = client.completions.create(model="gen-next-token", prompt=prompt, seed=seed, logprobs=0)
-                choice = out.choices[0]
-                with lock:
-                    served[i] = ([int(t) for t in choice.text.split()], list(choice.logprobs.token_logprobs))
-            except Exception as err:
-                with lock:
-                    errors.append(f"{type(err).__name__}: {err}")
+    def call(i: int) -> tuple[list[int], list[float]]:
+        prompt, seed = jobs[i]
+        choice = client.completions.create(model="gen-next-token", prompt=prompt, seed=seed, logprobs=0).choices[0]
+        return [int(t) for t in choice.text.split()], list(choice.logprobs.token_logprobs)
 
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    served, errors, _ = _concurrently(len(jobs), clients, call)
     divergences, worst = 0, 0.0
     order = sorted(served)
     for start in range(0, len(order), 16):
@@ -298,7 +283,7 @@ def _engine_alone(
     """The same prompts and seeds straight into a :class:`VllmImageEngine` (torch.compile, like the server) from
     ``clients`` concurrent coroutines, no HTTP, no pixels: what the server's vLLM backend could reach. Median of
     ``rounds``."""
-    from unitok.serving.vllm_engine import VllmImageEngine
+    from unitok.serving.vllm_engine import VllmImageEngine, close_loop
 
     prefixes = {name: gen.vocab.prefix_ids([name])[0].tolist() for name, _ in jobs}
     engine = VllmImageEngine.start(path, enforce_eager=False)
@@ -320,12 +305,7 @@ def _engine_alone(
         measured = [loop.run_until_complete(load(jobs)) for _ in range(rounds)]
     finally:
         engine.shutdown()
-        pending = asyncio.all_tasks(loop)  # vLLM's output handler, cancelled by the shutdown
-        for task in pending:
-            task.cancel()
-        if pending:
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        loop.close()
+        close_loop(loop)
     return {"images_per_s": sorted(measured)[rounds // 2], "rounds_images_per_s": measured, "clients": clients}
 
 

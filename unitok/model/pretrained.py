@@ -165,6 +165,21 @@ def save_generator(
     return path
 
 
+def read_generator_config(path: Path, missing: type[Exception] = FileNotFoundError) -> dict:
+    """``path/config.json`` of a generator folder as a dict; ``missing`` is raised when there is none, ValueError
+    for a corrupt file or another model type."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise missing(f"no generator at {path}: {config_file} is missing")
+    try:
+        raw = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"corrupt generator config {config_file}: {err}") from err
+    if raw.get("model_type") != UnitokConfig.model_type:
+        raise ValueError(f"{path} holds a {raw.get('model_type')!r} model, not a unitok generator")
+    return raw
+
+
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
     """Load a generator folder with clear errors for missing, foreign, corrupt or mismatched parts."""
     from safetensors import SafetensorError
@@ -172,15 +187,8 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Gene
     from unitok.tokenizers import load_tokenizer
 
     path = Path(path)
+    raw = read_generator_config(path)
     config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"no generator at {path}: {config_file} is missing")
-    try:
-        raw = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"corrupt generator config {config_file}: {err}") from err
-    if raw.get("model_type") != UnitokConfig.model_type:
-        raise ValueError(f"{path} holds a {raw.get('model_type')!r} model, not a unitok generator")
     if "visual" not in raw or "vocabulary" not in raw:
         raise ValueError(
             f"{path} is a bare unitok transformer without 'visual'/'vocabulary' entries; save it with "

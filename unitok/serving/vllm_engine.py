@@ -23,6 +23,7 @@ runs every call): vLLM's output handler is bound to the loop of the first reques
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 import uuid
@@ -107,6 +108,18 @@ def _start_async_llm(args, threads: int):
             log_requests=args.enable_log_requests,
             log_stats=not args.disable_log_stats,
         )
+
+
+def close_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Close the event loop an engine ran on, after :meth:`VllmImageEngine.shutdown`. The shutdown cancels vLLM's
+    output handler, which holds a ZMQ socket: the cancellation has to run, or the ZMQ context blocks the
+    interpreter's exit."""
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        task.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.close()
 
 
 class VllmImageEngine:

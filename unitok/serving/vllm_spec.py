@@ -13,7 +13,6 @@ those stay on unitok's native decoders.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 from unitok.decoding.cfg import check_guidance_scale
-from unitok.model.pretrained import GENERATION_DEFAULTS
+from unitok.model.pretrained import GENERATION_DEFAULTS, read_generator_config
 from unitok.model.visual import VisualSpec
 from unitok.model.vocab import UnitokVocabulary
 
@@ -104,16 +103,7 @@ class ImageSpec:
     @classmethod
     def from_pretrained(cls, path: str | Path, guidance_scale: float | None = None) -> ImageSpec:
         path = Path(path)
-        file = path / "config.json"
-        if not file.is_file():
-            raise ValueError(f"no generator at {path}: {file} is missing")
-        try:
-            config = json.loads(file.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"corrupt generator config {file}: {err}") from err
-        if config.get("model_type") != "unitok":
-            raise ValueError(f"{path} holds a {config.get('model_type')!r} model, not a unitok generator")
-        return cls.from_config(config, path, guidance_scale)
+        return cls.from_config(read_generator_config(path, missing=ValueError), path, guidance_scale)
 
     def rope_positions(self, length: int) -> torch.Tensor:
         """(length, 3) float (t, h, w) for sequence indices 0..length-1: the layout's positions, then 1-D text
