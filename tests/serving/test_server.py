@@ -278,6 +278,23 @@ def _read_status(sock: socket.socket) -> int:
     return int(data.split(b" ", 2)[1])
 
 
+def test_a_batch_whose_clients_all_left_stops(pipeline, running_server, held_engine):
+    app = create_app(pipeline, backend="native", max_n=4, max_queue=4)
+    with running_server(app) as server:
+        body = {"model": "gen-video-next-block", "prompt": "coat", "seed": 0}
+        with held_engine(server.state.native) as held:
+            running = _raw_request(server.url, body)
+            assert held.holding.wait(30)  # its batch has started (held before the first forward)
+            running.close()
+            server.wait_for(lambda h: h["in_flight"] == 0 and h["counters"]["disconnected"] == 1, timeout=10)
+            held.release()
+            health = server.wait_for(lambda h: h["native"]["cancelled"] == 1)
+        assert health["native"]["batches"] == 0 and health["native"]["failed"] == 0  # stopped, not finished
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=120)
+        assert client.images.generate(model="gen-next-block", prompt="bag", n=1).data[0].b64_json
+        assert server.health()["native"]["batches"] == 1
+
+
 def test_full_queue_is_429_and_a_client_that_leaves_frees_its_slot(pipeline, running_server, held_engine):
     app = create_app(pipeline, backend="native", max_n=4, max_queue=2)
     with running_server(app) as server:

@@ -10,6 +10,7 @@ import torch
 from unitok.decoding.cfg import Guidance
 from unitok.decoding.sampling import SamplingConfig
 from unitok.serving.native import (
+    BatchAbandonedError,
     BatchKey,
     EngineClosedError,
     NativeEngine,
@@ -107,6 +108,60 @@ def test_bounded_queue_cancellation_and_shutdown(gen):
     assert running.result(60).tokens.shape == (1, gen.spec.num_tokens)
     with pytest.raises(EngineClosedError):
         engine.submit(NativeRequest(KEY, ["bag"]))
+
+
+def test_a_running_batch_stops_when_every_request_is_cancelled(gen):
+    blocks = gen.layout().num_blocks
+    engine = NativeEngine(lambda model_id: gen, batch_window_s=0)
+
+    def one_batch(on_tokens) -> list:
+        """Two requests queued behind a held blocker request, so they run as one batch."""
+        gate = Gate(gen)
+        engine.resolve = gate
+        blocker = engine.submit(NativeRequest(KEY, ["bag"], seed=9))
+        assert gate.entered.wait(30)
+        futures = [engine.submit(NativeRequest(KEY, ["coat"], seed=i, on_tokens=on_tokens(i))) for i in range(2)]
+        gate.open()
+        assert blocker.result(60).batch_requests == 1
+        return futures
+
+    try:
+        # the first request is cancelled at block 2: the batch goes on for the second
+        seen: list = []
+
+        def cancel_first(i):
+            def on_tokens(block, tokens):
+                seen.append((i, block))
+                if i == 0 and block == 2:
+                    assert engine.cancel(futures[0])
+
+            return on_tokens
+
+        futures = one_batch(cancel_first)
+        assert futures[1].result(60).batch_requests == 2
+        with pytest.raises(BatchAbandonedError, match="cancelled"):
+            futures[0].result(1)
+        assert [b for i, b in seen if i == 1] == list(range(blocks)) and engine.stats.cancelled == 1
+        # both cancelled at block 2: the batch stops before drawing block 3, and the worker goes on
+        seen.clear()
+
+        def cancel_both(i):
+            def on_tokens(block, tokens):
+                seen.append((i, block))
+                if i == 1 and block == 2:
+                    assert engine.cancel(futures[0]) and engine.cancel(futures[1])
+
+            return on_tokens
+
+        futures = one_batch(cancel_both)
+        for future in futures:
+            with pytest.raises(BatchAbandonedError, match="cancelled"):
+                future.result(60)
+        assert max(b for _, b in seen) == 2 < blocks - 1 and engine.stats.cancelled == 3
+        after = engine.submit(NativeRequest(KEY, ["bag"], seed=0))
+        assert after.result(60).tokens.shape[0] == 1 and not engine.cancel(after)  # finished: nothing to cancel
+    finally:
+        engine.close()
 
 
 def test_a_failing_batch_fails_its_requests_and_the_worker_goes_on(gen):

@@ -18,9 +18,11 @@ decoders (sjd, grouped, relaxed, draft, hf) draw from one generator for the whol
 a seeded request runs alone, again equal to the pipeline run with its seed.
 
 Limits and cancellation: at most ``max_queue`` requests are admitted (waiting or running); :meth:`submit` raises
-:class:`QueueFullError` beyond that. A request cancelled while it waits (its client went away) leaves the queue at
-once and frees its slot; one cancelled while its batch runs is dropped when the batch ends (a batch is not
-interrupted, the other requests in it still need their forwards).
+:class:`QueueFullError` beyond that. A request cancelled (:meth:`NativeEngine.cancel`, or its awaiting task
+cancelled: its client went away) while it waits leaves the queue at once and frees its slot. One cancelled while its
+batch runs is not answered; when every request of a running block-decoder batch is cancelled, the batch stops at its
+next block instead of computing images nobody will receive (the speculative decoders finish their batch: they have
+no per-block hook).
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ class QueueFullError(RuntimeError):
 
 class EngineClosedError(RuntimeError):
     """The engine was shut down before the request ran."""
+
+
+class BatchAbandonedError(RuntimeError):
+    """Every request of a running batch was cancelled, so the batch stopped early."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,7 @@ class _Job:
     seed: int
     seeded: bool  # the caller chose the seed (matters for decoders that cannot seed rows separately)
     future: Future = field(default_factory=Future)
+    abandoned: bool = False  # cancelled while running: not answered (set from the caller's thread)
 
     @property
     def size(self) -> int:
@@ -126,15 +133,24 @@ class RowSeededVisual(VisualVocab):
 
     ``groups`` lists (rows, generator, on_tokens or None) in row order. The generator the decoder passes is ignored:
     every draw of the block decoder goes through this method, one call per block with (B, ...) guided scores, which
-    also makes it the place to report each request's tokens so far (streaming previews)."""
+    also makes it the place to report each request's tokens so far (streaming previews) and to stop a batch nobody
+    waits for any more: ``abandoned()`` true raises :class:`BatchAbandonedError` before the draw."""
 
-    def __init__(self, base: VisualVocab, groups: list[tuple[int, torch.Generator, TokensCallback | None]]):
+    def __init__(
+        self,
+        base: VisualVocab,
+        groups: list[tuple[int, torch.Generator, TokensCallback | None]],
+        abandoned: Callable[[], bool] | None = None,
+    ):
         super().__init__(base.offset, base.size, base.boi_id, base.bits)
         self.groups = groups
+        self.abandoned = abandoned
         self.blocks = 0
         self.so_far: list[torch.Tensor | None] = [None] * len(groups)
 
     def sample(self, scores: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None):
+        if self.abandoned is not None and self.abandoned():
+            raise BatchAbandonedError(f"every request of the batch was cancelled (stopped at block {self.blocks})")
         total = sum(rows for rows, _, _ in self.groups)
         if scores.shape[0] != total:
             raise ValueError(f"scores have {scores.shape[0]} rows, the batch's requests {total}")
@@ -186,6 +202,7 @@ class NativeEngine:
         self.stats = EngineStats()
         self._queue: deque[_Job] = deque()
         self._running: list[_Job] = []
+        self._jobs: dict[Future, _Job] = {}  # admitted and not finished
         self._cond = threading.Condition()
         # Held while a batch computes; other torch work of the process (the server's pixel decoding) takes it too,
         # so two OpenMP thread teams never compete for the same cores (a 2-core CPU slowed ~20x when they did).
@@ -208,7 +225,10 @@ class NativeEngine:
 
     def submit(self, request: NativeRequest) -> Future:
         """Queue ``request``; a ``concurrent.futures.Future`` of its :class:`NativeResult`. Cancelling the future
-        before the request runs removes it from the queue."""
+        before the request runs removes it from the queue; :meth:`cancel` also cancels a running request."""
+        return self._submit(request).future
+
+    def _submit(self, request: NativeRequest) -> _Job:
         if len(request.conditions) > self.max_batch_images:
             raise ValueError(f"a request may ask for at most {self.max_batch_images} samples")
         seeded = request.seed is not None
@@ -219,17 +239,32 @@ class NativeEngine:
             if len(self._queue) + len(self._running) >= self.max_queue:
                 raise QueueFullError(f"the server is busy: {self.max_queue} requests are already queued or running")
             self._queue.append(job)
+            self._jobs[job.future] = job
             self._cond.notify()
-        job.future.add_done_callback(lambda fut, job=job: self._forget(job) if fut.cancelled() else None)
-        return job.future
+        job.future.add_done_callback(self._finished)
+        return job
+
+    def cancel(self, future: Future) -> bool:
+        """Cancel the request of ``future`` (from :meth:`submit`): a waiting one leaves the queue and its future is
+        cancelled; a running one is not answered (its future fails with :class:`BatchAbandonedError`), and a
+        block-decoder batch whose requests are all cancelled stops at its next block. False if the request had
+        finished already."""
+        if future.cancel():
+            return True
+        with self._cond:
+            job = self._jobs.get(future)
+            if job is None or future.done():
+                return False
+            job.abandoned = True
+            return True
 
     async def generate(self, request: NativeRequest) -> NativeResult:
-        """Submit and await; cancelling the awaiting task cancels the request (freeing its slot if it waits)."""
-        future = self.submit(request)
+        """Submit and await; cancelling the awaiting task cancels the request (:meth:`cancel`)."""
+        job = self._submit(request)
         try:
-            return await asyncio.wrap_future(future)
+            return await asyncio.wrap_future(job.future)
         except asyncio.CancelledError:
-            future.cancel()
+            self.cancel(job.future)
             raise
 
     def close(self, timeout: float | None = 30.0) -> None:
@@ -244,8 +279,11 @@ class NativeEngine:
                 job.future.set_exception(EngineClosedError("the engine was shut down before this request ran"))
         self._thread.join(timeout)
 
-    def _forget(self, job: _Job) -> None:
+    def _finished(self, future: Future) -> None:
         with self._cond:
+            job = self._jobs.pop(future, None)
+            if job is None or not future.cancelled():
+                return
             try:
                 self._queue.remove(job)
             except ValueError:
@@ -327,7 +365,15 @@ class NativeEngine:
         try:
             with self.compute_lock:
                 tokens = self._decode(key, batch)
-                pixels = self._pixels(key, batch, tokens)
+                pixels = None if self._abandoned(batch) else self._pixels(key, batch, tokens)
+        except BatchAbandonedError as err:
+            logger.info("native engine: %s", err)
+            self.stats.cancelled += len(batch)
+            self.stats.busy_seconds += time.perf_counter() - start
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(err)
+            return
         except BaseException as err:  # every waiting caller learns why; the worker lives on
             logger.exception("native engine: a batch of %d request(s) for %s failed", len(batch), key.model)
             self.stats.failed += len(batch)
@@ -344,6 +390,7 @@ class NativeEngine:
         stats.max_batch_requests = max(stats.max_batch_requests, len(batch))
         stats.max_batch_images = max(stats.max_batch_images, images)
         stats.busy_seconds += elapsed
+        stats.cancelled += sum(job.abandoned for job in batch)
         row = 0
         for job in batch:
             reproducible = key.decoder == "block" or len(batch) == 1
@@ -352,8 +399,14 @@ class NativeEngine:
             own = pixels[mine].clone() if pixels is not None and job.request.pixels else None
             result = NativeResult(tokens[mine].clone(), own, seed, len(batch), images)
             row += job.size
-            if not job.future.done():  # a cancelled caller is simply not answered
+            if not job.abandoned:  # a cancelled caller is simply not answered
                 job.future.set_result(result)
+            else:
+                job.future.set_exception(BatchAbandonedError("this request was cancelled while its batch ran"))
+
+    @staticmethod
+    def _abandoned(batch: list[_Job]) -> bool:
+        return all(job.abandoned for job in batch)
 
     def _pixels(self, key: BatchKey, batch: list[_Job], tokens: torch.Tensor) -> torch.Tensor | None:
         """Pixels of the whole batch in one decode, when a request wants them. Decoding here, not in the caller's
@@ -377,7 +430,7 @@ class NativeEngine:
         vocab = gen.vocab
         if key.decoder == "block":
             groups = [(job.size, torch.Generator().manual_seed(job.seed), job.request.on_tokens) for job in batch]
-            visual = RowSeededVisual(gen.visual, groups)
+            visual = RowSeededVisual(gen.visual, groups, lambda: self._abandoned(batch))
             generator = None
         else:  # one generator for the batch: a lone seeded job, or unseeded jobs (seeded with the first's seed)
             visual = gen.visual
