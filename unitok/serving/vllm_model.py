@@ -22,6 +22,12 @@ The guidance scale is one number per engine (``generation.guidance_scale`` in ``
 ``hf_overrides={"generation": {"guidance_scale": s}}``): forward and compute_logits see tokens, not requests. A
 draft model (speculative decoding) uses its target's scale, so it proposes from the distribution it is verified
 against. A scale of exactly 1 runs one stream (no unconditional half).
+
+**Per-request scales** (``generation.per_request_guidance: true``): the model then returns both streams' final
+hidden states, ``compute_logits`` both streams' logits side by side (``(N, 2V)``, conditional first), and
+:class:`unitok.serving.vllm_guidance.GuidanceLogitsProcessor`, which sees requests, combines them with each
+request's scale into ``(N, V)`` before anything samples. It costs the head a second matmul and the engine must run
+that processor (``VllmImageEngine.start(per_request_guidance=True)`` sets it up).
 """
 
 from __future__ import annotations
@@ -183,6 +189,7 @@ class UnitokVllmModel(nn.Module):
         self.config = config
         self.spec = spec = image_spec(vllm_config)
         self.streams = 2 if spec.guided else 1
+        self.pair_output = spec.per_request_guidance  # return both streams, guided later per request
         self.guidance_scale = spec.guidance_scale
         null = torch.tensor(spec.null_prefix_ids, dtype=torch.long)
         self.register_buffer("null_prefix_ids", null, persistent=False)  # (P,)
@@ -233,6 +240,8 @@ class UnitokVllmModel(nn.Module):
         hidden_states, _ = self.norm(hidden_states, residual)
         if self.streams == 1:
             return hidden_states
+        if self.pair_output:
+            return hidden_states.view(positions.shape[0], -1)  # (T, 2d): [h_c | h_u] per token
         pair = hidden_states.view(positions.shape[0], 2, -1)  # (T, 2, d)
         # Guidance on the final hidden states: lm_head is linear, so this is u + s (c - u) on the logits.
         return torch.lerp(pair[:, 1], pair[:, 0], self.guidance_scale)  # (T, d)
@@ -258,6 +267,7 @@ class UnitokVllmForCausalLM(nn.Module):
         self.logits_processor = LogitsProcessor(config.vocab_size)
         self.visual_start = spec.visual_offset
         self.visual_stop = spec.visual_offset + spec.num_visual_tokens
+        self.pair_output = self.model.pair_output
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)
@@ -272,10 +282,16 @@ class UnitokVllmForCausalLM(nn.Module):
         return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """(N, V) logits, non-visual ids -inf; with per-request guidance (N, d2) -> (N, 2V), both streams."""
+        rows = hidden_states.shape[0]
+        if self.pair_output:
+            hidden_states = hidden_states.reshape(rows * 2, -1)  # (2N, d): h_c0 h_u0 h_c1 h_u1 ...
         logits = self.logits_processor(self.lm_head, hidden_states)
         if logits is not None:
             logits[:, : self.visual_start] = float("-inf")
             logits[:, self.visual_stop :] = float("-inf")
+            if self.pair_output:
+                logits = logits.reshape(rows, -1)  # (N, 2V): [conditional | unconditional]
         return logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

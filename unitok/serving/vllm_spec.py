@@ -36,8 +36,9 @@ class ImageSpec:
     num_visual_tokens: int  # codebook size: visual ids are visual_offset .. visual_offset + num_visual_tokens - 1
     num_visual: int  # tokens per image
     vocab_size: int
-    guidance_scale: float
+    guidance_scale: float  # the engine's scale (with per_request_guidance: the scale of requests that name none)
     positions: torch.Tensor  # (3, prefix_len + num_visual) float MM-RoPE (t, h, w) of every sequence index
+    per_request_guidance: bool = False  # each request brings its own scale (see unitok.serving.vllm_guidance)
 
     @property
     def prompt_len(self) -> int:
@@ -51,14 +52,16 @@ class ImageSpec:
 
     @property
     def guided(self) -> bool:
-        return self.guidance_scale != 1.0
+        """Whether the model runs the unconditional stream."""
+        return self.per_request_guidance or self.guidance_scale != 1.0
 
     @classmethod
     def from_config(
         cls, config: Mapping | object, tokenizer_dir: str | Path, guidance_scale: float | None = None
     ) -> ImageSpec:
         """From a generator's config (``config.json`` as a dict, or a ``UnitokConfig`` with its extra entries) and
-        the folder holding its ``tokenizer.json``. ``guidance_scale`` None reads ``generation.guidance_scale``."""
+        the folder holding its ``tokenizer.json``. ``guidance_scale`` None reads ``generation.guidance_scale``;
+        ``generation.per_request_guidance`` true lets every request bring its own scale."""
 
         def entry(name: str):
             return config.get(name) if isinstance(config, Mapping) else getattr(config, name, None)
@@ -84,8 +87,8 @@ class ImageSpec:
             raise ValueError(
                 f"the model's vocabulary ({vocab_size}) is smaller than text + visual ({vocab.vocab_size})"
             )
+        generation = entry("generation") or {}
         if guidance_scale is None:
-            generation = entry("generation") or {}
             guidance_scale = generation.get("guidance_scale", GENERATION_DEFAULTS["guidance_scale"])
         layout = spec.layout(vocab.prefix_len)
         return cls(
@@ -98,6 +101,7 @@ class ImageSpec:
             vocab_size=vocab_size,
             guidance_scale=check_guidance_scale(guidance_scale),
             positions=layout.positions.clone(),
+            per_request_guidance=bool(generation.get("per_request_guidance", False)),
         )
 
     @classmethod
