@@ -14,7 +14,8 @@ The LlamaGen comparison, on the bundled next-token generator at its recommended 
 - ``p50_latency_s`` / ``p99_latency_s``: per-request latency of the vLLM run (the native runs' in their entries);
 - ``vllm_engine_images_per_s``: the same prompts and seeds straight into vLLM's engine from ``--clients``
   concurrent coroutines (no HTTP, no pixels, no PNG), and ``vllm_engine_ratio`` against HF: how much of vLLM's
-  speed the server passes on.
+  speed the server passes on; ``vllm_engine_per_request_guidance_images_per_s``: the same with an engine started
+  with ``per_request_guidance=True`` (what serving every guidance scale through vLLM costs).
 
 HF and vLLM are measured in ``--rounds`` alternating rounds (default 3) while the vLLM server is up, and the median
 round of each is reported (every round is in ``rounds_images_per_s``): on a 2-core machine any other process moves
@@ -278,15 +279,21 @@ def _logprob_divergences(url: str, gen, jobs: list[tuple[str, int]], clients: in
 
 
 def _engine_alone(
-    path: Path, gen, jobs: list[tuple[str, int]], clients: int, sampling: SamplingConfig, rounds: int
+    path: Path,
+    gen,
+    jobs: list[tuple[str, int]],
+    clients: int,
+    sampling: SamplingConfig,
+    rounds: int,
+    per_request_guidance: bool = False,
 ) -> dict:
     """The same prompts and seeds straight into a :class:`VllmImageEngine` (torch.compile, like the server) from
     ``clients`` concurrent coroutines, no HTTP, no pixels: what the server's vLLM backend could reach. Median of
-    ``rounds``."""
+    ``rounds``. ``per_request_guidance``: the engine that serves every scale (the requests still use the default)."""
     from unitok.serving.vllm_engine import VllmImageEngine, close_loop
 
     prefixes = {name: gen.vocab.prefix_ids([name])[0].tolist() for name, _ in jobs}
-    engine = VllmImageEngine.start(path, enforce_eager=False)
+    engine = VllmImageEngine.start(path, enforce_eager=False, per_request_guidance=per_request_guidance)
     loop = asyncio.new_event_loop()
 
     async def load(items: list[tuple[str, int]]) -> float:
@@ -405,6 +412,10 @@ def run(args: argparse.Namespace) -> dict:
         result["vllm_engine_images_per_s"] = engine["images_per_s"]
         result["vllm_engine_ratio"] = engine["images_per_s"] / hf["images_per_s"]
         result["vllm_engine"] = engine
+        print("vLLM engine alone, started with per-request guidance")
+        per_request = _engine_alone(token_dir, gen, jobs, args.clients, sampling, args.rounds, True)
+        result["vllm_engine_per_request_guidance_images_per_s"] = per_request["images_per_s"]
+        result["vllm_engine_per_request_guidance"] = per_request
     else:
         hf = hf_round()
         result.update(hf_generate_images_per_s=hf["images_per_s"], hf=hf)
