@@ -36,7 +36,13 @@ def test_images_through_vllm(vllm_server):
     client = openai.OpenAI(base_url=f"{vllm_server.url}/v1", api_key="x", max_retries=0, timeout=300)
     health = httpx.get(f"{vllm_server.url}/health").json()
     assert health["models"] == {"gen-next-token": "vllm"}
-    assert health["vllm"] == {"gen-next-token": {"guidance_scale": 3.0, "per_request_guidance": False, "alive": True}}
+    assert health["vllm"]["gen-next-token"] == {
+        "guidance_scale": 3.0,
+        "per_request_guidance": False,
+        "alive": True,
+        "restarting": False,
+        "restarts": 0,
+    }
     out = client.images.generate(model="gen-next-token", prompt="sneaker", n=2, extra_body={"seed": 5})
     images = [Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in out.data]
     assert [im.size for im in images] == [(28, 28), (28, 28)] and out.seed == 5
@@ -101,15 +107,18 @@ def _engine_core_pid(server_pid: int) -> int:
     raise AssertionError("no vLLM engine core under the server")
 
 
-def test_a_dead_vllm_engine_fails_over_to_native(vllm_server):
-    """vLLM's engine core dies (killed here) while a request runs on it: that request and every later one are served
-    by the native engine, /health says so, and what only vLLM can do (logprobs) is a 503. Last in this module: the
-    module's server has no vLLM afterwards."""
+def test_a_dead_vllm_engine_fails_over_to_native_and_restarts(vllm_server):
+    """vLLM's engine core dies (killed here) while a request runs on it: that request and those that follow are
+    served by the native engine while vLLM restarts in the background (what only vLLM can do, logprobs, is a 503
+    meanwhile), then vLLM serves again."""
     import signal
     import threading
 
     import httpx
     import openai
+
+    def health() -> dict:
+        return httpx.get(f"{vllm_server.url}/health").json()
 
     client = openai.OpenAI(base_url=f"{vllm_server.url}/v1", api_key="x", max_retries=0, timeout=300)
     prompts = ["bag", "coat", "sneaker", "boot"]  # 4 images, the server's max_n
@@ -119,19 +128,33 @@ def test_a_dead_vllm_engine_fails_over_to_native(vllm_server):
     )
     running.start()
     deadline = time.monotonic() + 30
-    while httpx.get(f"{vllm_server.url}/health").json()["in_flight"] == 0:
+    while health()["in_flight"] == 0:
         assert time.monotonic() < deadline, "the request never started"
         time.sleep(0.01)
     os.kill(_engine_core_pid(vllm_server.proc.pid), signal.SIGKILL)
     running.join(120)
     assert len(result["out"].choices) == 4 and all(len(c.text.split()) == 49 for c in result["out"].choices)
-    health = httpx.get(f"{vllm_server.url}/health").json()
-    assert health["vllm"]["gen-next-token"]["alive"] is False
-    assert health["counters"]["vllm_failovers"] == 1
-    before = health["counters"]["native_requests"]
-    out = client.images.generate(model="gen-next-token", prompt="sneaker", extra_body={"seed": 1})
-    assert out.data[0].b64_json
+    state = health()
+    assert state["counters"]["vllm_failovers"] == 1
+    assert state["vllm"]["gen-next-token"]["restarting"] and state["vllm"]["gen-next-token"]["restarts"] == 1
+    native = state["counters"]["native_requests"]
+    assert client.images.generate(model="gen-next-token", prompt="sneaker", extra_body={"seed": 1}).data[0].b64_json
     with pytest.raises(openai.InternalServerError, match="logprobs need vLLM"):
         client.completions.create(model="gen-next-token", prompt="bag", logprobs=1)
-    health = httpx.get(f"{vllm_server.url}/health").json()
-    assert health["status"] == "ok" and health["counters"]["native_requests"] == before + 1
+    assert health()["counters"]["native_requests"] == native + 1
+    deadline = time.monotonic() + 300
+    while not health()["vllm"]["gen-next-token"]["alive"]:
+        assert time.monotonic() < deadline, "vLLM did not come back"
+        time.sleep(0.5)
+    before = health()["counters"]
+    out = client.completions.create(model="gen-next-token", prompt="bag", seed=2, logprobs=1)
+    assert len(out.choices[0].logprobs.token_logprobs) == 49
+    after = health()
+    assert after["counters"]["vllm_requests"] == before["vllm_requests"] + 1
+    assert after["vllm"]["gen-next-token"] == {
+        "guidance_scale": 3.0,
+        "per_request_guidance": False,
+        "alive": True,
+        "restarting": False,
+        "restarts": 1,
+    }

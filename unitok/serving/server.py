@@ -71,6 +71,8 @@ from unitok.serving.schemas import (
 from unitok.serving.vllm_engine import EngineDeadError
 
 logger = logging.getLogger("unitok.serving")
+MAX_VLLM_RESTARTS = 3  # per model and server: an engine that dies at every start is not restarted forever
+VLLM_STOPPED_LOGPROBS = "logprobs need vLLM, whose engine has stopped; it is restarting (see /health), retry later"
 ALIAS = "unitok"  # model id that means "the served generator picked by mode"
 BACKENDS = ("auto", "native", "vllm")
 MAX_SIDE = 1024  # largest upscaled image side a request may ask for
@@ -268,6 +270,9 @@ class UnitokServer:
         self.generators: dict[str, Generator] = {}
         self.native: NativeEngine | None = None
         self.vllm: dict[str, Any] = {}
+        self.vllm_restarts: dict[str, int] = {}  # restarts begun per model (at most MAX_VLLM_RESTARTS)
+        self._restarting: dict[str, asyncio.Task] = {}
+        self._stopping = False
         self.in_flight = 0
         names = ("requests", "native_requests", "vllm_requests", "vllm_failovers", "rejected_busy", "disconnected")
         self.counters = dict.fromkeys((*names, "client_errors", "server_errors"), 0)
@@ -301,7 +306,40 @@ class UnitokServer:
                 logger.info("starting vLLM for %s from %s", mid, served.path)
                 self.vllm[mid] = VllmImageEngine.start(served.path, **self.vllm_options)
 
+    def _vllm_stopped(self, mid: str) -> None:
+        """vLLM's engine for ``mid`` died: restart it in the background (its requests go native meanwhile), at most
+        ``MAX_VLLM_RESTARTS`` times per server, so an engine that dies at every start does not loop."""
+        if mid in self._restarting or self._stopping:
+            return
+        restarts = self.vllm_restarts.get(mid, 0)
+        if restarts >= MAX_VLLM_RESTARTS:
+            return
+        self.vllm_restarts[mid] = restarts + 1
+        logger.error("vLLM for %s stopped; restarting it (%d of %d)", mid, restarts + 1, MAX_VLLM_RESTARTS)
+        self._restarting[mid] = asyncio.ensure_future(self._restart_vllm(mid))
+
+    async def _restart_vllm(self, mid: str) -> None:
+        from unitok.serving.vllm_engine import VllmImageEngine
+
+        try:
+            await asyncio.to_thread(self.vllm[mid].shutdown)
+        except Exception:  # a dead engine's shutdown may complain; the new one matters
+            logger.exception("shutting down the stopped vLLM engine for %s failed", mid)
+        try:
+            engine = await asyncio.to_thread(VllmImageEngine.start, self.models[mid].path, **self.vllm_options)
+        except Exception:
+            logger.exception("restarting vLLM for %s failed; the native engine keeps serving it", mid)
+            return
+        finally:
+            self._restarting.pop(mid, None)
+        if self._stopping:
+            engine.shutdown()
+            return
+        self.vllm[mid] = engine
+        logger.warning("vLLM for %s is back", mid)
+
     def stop(self) -> None:
+        self._stopping = True
         for engine in self.vllm.values():
             try:
                 engine.shutdown()
@@ -419,7 +457,8 @@ class UnitokServer:
         plan = self.plan(fields, conditions, video)
         stopped = self.vllm.get(plan.served.id)
         if logprobs is not None and stopped is not None and not stopped.alive:
-            raise ApiError(503, "logprobs need vLLM, whose engine has stopped; restart the server", "server_error")
+            self._vllm_stopped(plan.served.id)
+            raise ApiError(503, VLLM_STOPPED_LOGPROBS, "server_error")
         if logprobs is not None and self._vllm_engine(plan) is None:
             raise ApiError(
                 400,
@@ -441,9 +480,12 @@ class UnitokServer:
         """The vLLM engine that serves ``plan``, or None: vLLM runs plain AR sampling at a constant guidance scale
         its engine accepts (the one it was started with, or any with per-request guidance); the rest goes native."""
         engine = self.vllm.get(plan.served.id)
+        if engine is not None and not engine.alive:
+            self._vllm_stopped(plan.served.id)
+            return None
         fields, guidance = plan.fields, plan.guidance
         plain = fields.decoder == "block" and guidance.constant and not streaming
-        return engine if engine is not None and engine.alive and plain and engine.accepts(guidance.scale) else None
+        return engine if engine is not None and plain and engine.accepts(guidance.scale) else None
 
     async def run(
         self,
@@ -467,15 +509,12 @@ class UnitokServer:
                 tokens, seed, decoded, steps = await (work if request is None else self._watch(request, work))
                 return Generated(plan.served, plan.gen, tokens, seed, decoded, steps)
             except EngineDeadError as err:
-                # the request goes native below, and so does every later one (the engine is no longer alive)
-                logger.error(
-                    "vLLM for %s stopped (%s); serving it on the native engine from now on", plan.served.id, err
-                )
+                # the request goes native below, and so do later ones until the engine is restarted
+                logger.error("vLLM for %s stopped (%s); this request goes to the native engine", plan.served.id, err)
                 self.counters["vllm_failovers"] += 1
+                self._vllm_stopped(plan.served.id)
                 if logprobs is not None:
-                    raise ApiError(
-                        503, "logprobs need vLLM, whose engine has stopped; restart the server", "server_error"
-                    ) from None
+                    raise ApiError(503, VLLM_STOPPED_LOGPROBS, "server_error") from None
         self.counters["native_requests"] += 1
         options = tuple(sorted(fields.decoder_options().items()))
         key = BatchKey(plan.served.id, guidance, plan.sampling, fields.decoder, options)
@@ -579,6 +618,8 @@ class UnitokServer:
                     "guidance_scale": e.guidance_scale,
                     "per_request_guidance": e.per_request_guidance,
                     "alive": e.alive,
+                    "restarting": mid in self._restarting,
+                    "restarts": self.vllm_restarts.get(mid, 0),
                 }
                 for mid, e in self.vllm.items()
             },
