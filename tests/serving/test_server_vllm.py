@@ -82,6 +82,31 @@ def test_completion_logprobs_are_the_guided_distribution(vllm_server):
     assert (served - swapped).abs().max() > 0.1
 
 
+def test_streamed_previews_through_vllm(vllm_server):
+    """stream=true on the vLLM backend: previews from vLLM's tokens so far, then the image a plain request with the
+    same seed gets."""
+    import httpx
+    import openai
+
+    client = openai.OpenAI(base_url=f"{vllm_server.url}/v1", api_key="x", max_retries=0, timeout=300)
+    before = httpx.get(f"{vllm_server.url}/health").json()["counters"]
+    stream = client.images.generate(
+        model="gen-next-token", prompt="dress", stream=True, partial_images=3, extra_body={"seed": 11}
+    )
+    events = list(stream)
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 3 + ["image_generation.completed"]
+    previews = [Image.open(io.BytesIO(base64.b64decode(e.b64_json))) for e in events]
+    assert all(p.size == (28, 28) for p in previews) and len({p.tobytes() for p in previews}) == 4
+    rows = [sum(1 for y in range(28) if any(p.convert("L").getpixel((x, y)) for x in range(28))) for p in previews[:3]]
+    assert rows == sorted(rows)  # previews cover more rows as tokens arrive
+    whole = client.images.generate(model="gen-next-token", prompt="dress", extra_body={"seed": 11})
+    assert events[-1].b64_json == whole.data[0].b64_json
+    after = httpx.get(f"{vllm_server.url}/health").json()["counters"]
+    assert (
+        after["vllm_requests"] == before["vllm_requests"] + 2 and after["native_requests"] == before["native_requests"]
+    )
+
+
 def test_server_runs_in_the_callers_session(vllm_server):
     """Regression: ``ServerProcess`` used ``start_new_session``, which made the server (with vLLM's busy-polling engine
     core and worker) its own scheduler autogroup; on 2 cores it starved the benchmark's clients for seconds

@@ -109,6 +109,8 @@ def test_engine_names_tokens_outside_the_visual_vocabulary():
     bad = good[:3] + [0] + good[4:]
 
     class FakeLLM:
+        errored = False
+
         async def generate(self, prompt, params, request_id):
             outputs = [SimpleNamespace(index=1, token_ids=bad), SimpleNamespace(index=0, token_ids=good)]
             yield SimpleNamespace(outputs=outputs)

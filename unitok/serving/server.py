@@ -5,8 +5,8 @@ Endpoints (OpenAI's shapes, so the official ``openai`` client works; unitok's se
 - ``POST /v1/images/generations``: PNG images (``b64_json``, or a ``data:`` URL with ``response_format="url"``);
   ``stream=true`` sends ``partial_images`` previews (scales so far, or rows so far) as server-sent events, then the
   image (OpenAI's ``image_generation.partial_image`` / ``.completed`` events; :mod:`unitok.serving.streaming`);
-- ``POST /v1/videos/generations``: animated GIF clips from a video generator (no MP4: it needs an encoder
-  such as ffmpeg, which we do not ship);
+- ``POST /v1/videos/generations``: animated GIF clips from a video generator, or H.264 MP4 with
+  ``response_format="b64_mp4"`` (needs PyAV, in the ``serve`` extra);
 - ``POST /v1/completions``: the visual token ids of each sample as space-separated text (``gen.codec.decode``
   takes them back);
 - ``GET /v1/models``: the served generators, ``GET /health``: liveness, queue and batching counters.
@@ -476,7 +476,7 @@ class UnitokServer:
         finally:
             self.in_flight -= 1
 
-    def _vllm_engine(self, plan: Plan, streaming: bool = False):
+    def _vllm_engine(self, plan: Plan):
         """The vLLM engine that serves ``plan``, or None: vLLM runs plain AR sampling at a constant guidance scale
         its engine accepts (the one it was started with, or any with per-request guidance); the rest goes native."""
         engine = self.vllm.get(plan.served.id)
@@ -484,7 +484,7 @@ class UnitokServer:
             self._vllm_stopped(plan.served.id)
             return None
         fields, guidance = plan.fields, plan.guidance
-        plain = fields.decoder == "block" and guidance.constant and not streaming
+        plain = fields.decoder == "block" and guidance.constant
         return engine if engine is not None and plain and engine.accepts(guidance.scale) else None
 
     async def run(
@@ -496,14 +496,22 @@ class UnitokServer:
         logprobs: int | None = None,
     ) -> Generated:
         """Run an admitted plan; with ``request``, cancel it when that client disconnects. ``on_tokens`` (streaming)
-        forces the native engine; ``logprobs`` needs vLLM."""
+        hears every block's tokens so far, from either engine; ``logprobs`` needs vLLM."""
         fields, guidance = plan.fields, plan.guidance
         self.counters["requests"] += 1
-        engine = self._vllm_engine(plan, streaming=on_tokens is not None)
+        engine = self._vllm_engine(plan)
         if engine is not None:
             self.counters["vllm_requests"] += 1
             work = self._vllm_generate(
-                engine, plan.gen, plan.conditions, fields.n, plan.sampling, fields.seed, logprobs, guidance.scale
+                engine,
+                plan.gen,
+                plan.conditions,
+                fields.n,
+                plan.sampling,
+                fields.seed,
+                logprobs,
+                guidance.scale,
+                on_tokens,
             )
             try:
                 tokens, seed, decoded, steps = await (work if request is None else self._watch(request, work))
@@ -543,13 +551,20 @@ class UnitokServer:
         seed: int | None,
         logprobs: int | None = None,
         guidance_scale: float | None = None,
+        on_tokens: TokensCallback | None = None,
     ) -> tuple[torch.Tensor, int, None, list | None]:
         """Sample ``i`` of the request has seed ``seed + i`` (vLLM's parallel-sampling rule: condition ``j``'s
         ``n`` samples start at ``seed + j * n``); a request without a seed gets a random one."""
         seed = secrets.randbits(31) if seed is None else seed
         calls = [  # concurrently: vLLM schedules the prompts' sequences together
             engine.sample(
-                gen.vocab.prefix_ids([condition])[0].tolist(), n, seed + j * n, sampling, logprobs, guidance_scale
+                gen.vocab.prefix_ids([condition])[0].tolist(),
+                n,
+                seed + j * n,
+                sampling,
+                logprobs,
+                guidance_scale,
+                on_tokens,
             )
             for j, condition in enumerate(conditions)
         ]
@@ -869,7 +884,7 @@ async def _stream_image(server: UnitokServer, plan: Plan, scale: int, partial_im
     h, w = gen.spec.image_size
     size = f"{w * scale}x{h * scale}"
 
-    def report(block: int, tokens: torch.Tensor) -> None:  # called on the engine's worker thread
+    def report(block: int, tokens: torch.Tensor) -> None:  # the native engine's worker thread, or vLLM's on this loop
         loop.call_soon_threadsafe(queue.put_nowait, (block, tokens))
 
     server.in_flight += 1
@@ -888,6 +903,8 @@ async def _stream_image(server: UnitokServer, plan: Plan, scale: int, partial_im
             server.counters["client_errors" if err.status < 500 else "server_errors"] += 1
             yield sse({"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.status}})
             return
+        if out.pixels is None:  # vLLM's tokens
+            out.pixels = await server.pixels.decode(gen.codec, out.tokens)
         png = await asyncio.to_thread(png_bytes, to_uint8(out.pixels)[0], scale)
         prompt_tokens, tokens_out = gen.vocab.prefix_len, gen.spec.num_tokens
         usage = {

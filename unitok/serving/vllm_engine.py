@@ -30,7 +30,7 @@ import asyncio
 import os
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -241,10 +241,12 @@ class VllmImageEngine:
         sampling: SamplingConfig | None = None,
         logprobs: int | None = None,
         guidance_scale: float | None = None,
+        on_tokens: Callable[[int, torch.Tensor], None] | None = None,
     ) -> VllmSamples:
         """``n`` images for one prefix (BOS + condition slot); ``logprobs`` k also returns the top-k log-probs of
         every step (and the sampled token's). ``guidance_scale`` None is the engine's; another scale needs an
-        engine started with ``per_request_guidance=True``."""
+        engine started with ``per_request_guidance=True``. ``on_tokens(i, tokens)`` (n=1 only: streaming) is called
+        on this event loop with the (1, i + 1) visual tokens so far, for every ``i`` in order."""
         from vllm import SamplingParams
         from vllm.exceptions import VLLMValidationError
         from vllm.sampling_params import RequestOutputKind
@@ -256,6 +258,8 @@ class VllmImageEngine:
             raise ValueError(f"seed must be None or an int >= 0, got {seed!r}")
         if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
             raise ValueError(f"logprobs must be None or an int >= 0, got {logprobs!r}")
+        if on_tokens is not None and n != 1:
+            raise ValueError(f"on_tokens (streaming) follows one image, got n={n}")
         if not self.accepts(guidance_scale):
             raise ValueError(
                 f"this vLLM engine guides with scale {self.guidance_scale}; start one with "
@@ -294,16 +298,22 @@ class VllmImageEngine:
                 ignore_eos=True,
                 detokenize=False,
                 logprobs=logprobs,
-                output_kind=RequestOutputKind.FINAL_ONLY,  # one output holding all n images
+                # one output holding all n images; every step's tokens so far when streaming
+                output_kind=RequestOutputKind.FINAL_ONLY if on_tokens is None else RequestOutputKind.CUMULATIVE,
                 extra_args=(
                     {"guidance_scale": float(guidance_scale)}
                     if guidance_scale is not None and self.per_request_guidance
                     else None
                 ),
             )
-            final = None
+            final, reported = None, 0
             async for output in self.llm.generate({"prompt_token_ids": prompt}, params, request_id=uuid.uuid4().hex):
                 final = output
+                if on_tokens is not None:
+                    so_far = torch.tensor([list(output.outputs[0].token_ids)], dtype=torch.long) - spec.visual_offset
+                    for i in range(reported, so_far.shape[1]):  # outputs may merge steps: report each one
+                        on_tokens(i, so_far[:, : i + 1])
+                    reported = so_far.shape[1]
         except VLLMValidationError as err:
             raise ValueError(f"vLLM refused the request: {err}") from None
         except Exception as err:
