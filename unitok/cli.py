@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -199,6 +200,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         max_batch_images=args.max_batch,
         draft_model=args.draft_model,
         vllm_options={"enforce_eager": args.enforce_eager, "per_request_guidance": args.per_request_guidance},
+        api_key=args.api_key,
     )
     # keep-alive past the clients' own 5 s expiry, so a reused idle connection never races the server closing it
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=30)
@@ -295,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="vLLM serves every guidance_scale (2-6%% slower on CPU); without it, vLLM guides with the checkpoint's "
         "scale and requests asking for another are served by the native engine",
+    )
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("UNITOK_API_KEY"),
+        help="require this key as a Bearer token on /v1/ requests (default: $UNITOK_API_KEY; unset: open)",
     )
     serve.add_argument("--max-n", type=int, default=16, help="samples per request (default 16)")
     serve.add_argument("--max-queue", type=int, default=64, help="requests admitted at once; more get 429")

@@ -278,6 +278,24 @@ def _read_status(sock: socket.socket) -> int:
     return int(data.split(b" ", 2)[1])
 
 
+def test_api_key_guards_v1_and_leaves_health_open(pipeline, running_server):
+    with pytest.raises(ValueError, match="api_key"):
+        create_app(pipeline, backend="native", api_key=" ")
+    app = create_app(pipeline, backend="native", max_n=2, api_key="sekret")
+    with running_server(app) as server:
+        assert httpx.get(f"{server.url}/health").status_code == 200
+        for key in ("wrong", "sekretX"):
+            bad = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=60)
+            with pytest.raises(openai.AuthenticationError, match="API key"):
+                bad.models.list()
+        missing = httpx.post(f"{server.url}/v1/images/generations", json={"prompt": "bag"})
+        assert missing.status_code == 401 and missing.json()["error"]["code"] == 401
+        good = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sekret", max_retries=0, timeout=60)
+        assert {m.id for m in good.models.list()} >= {"gen-next-block"}
+        assert good.images.generate(model="gen-next-block", prompt="bag").data[0].b64_json
+        assert server.health()["counters"]["requests"] == 1  # the refused ones never reached the server
+
+
 def test_a_batch_whose_clients_all_left_stops(pipeline, running_server, held_engine):
     app = create_app(pipeline, backend="native", max_n=4, max_queue=4)
     with running_server(app) as server:
@@ -331,8 +349,10 @@ def test_cli_serve(capsys, tmp_path):
     assert (bench.suite, bench.n, bench.clients, bench.rounds) == ("serving", 8, 4, 3)
     assert main(["serve", str(tmp_path / "missing")]) == 2
     assert main(["serve", "checkpoints", "--max-n", "0", "--backend", "native"]) == 2
+    assert main(["serve", "checkpoints", "--api-key", "", "--backend", "native"]) == 2
     err = capsys.readouterr().err
     assert "no generator or checkpoints folder" in err and "max_n must be a positive int" in err
+    assert "api_key must be a non-empty string" in err
 
 
 @pytest.mark.parametrize(("model", "partials"), [("gen-next-scale", 2), ("gen-next-block", 3)])

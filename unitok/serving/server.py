@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import io
 import logging
 import secrets
@@ -682,6 +683,22 @@ class BodyLimit:
         return await self.app(scope, counted, send)
 
 
+class ApiKey:
+    """Pure ASGI middleware: every ``/v1/`` request must carry ``Authorization: Bearer <key>`` (what the ``openai``
+    client sends as ``api_key``), or gets a 401; ``/health`` stays open for probes."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = error_response(401, "missing or wrong API key: send the server's key as a Bearer token")
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
     parts, param = [], None
     for e in err.errors():
@@ -705,9 +722,13 @@ def create_app(
     max_prompt_chars: int = 256,
     draft_model: str | Path | None = None,
     vllm_options: dict[str, Any] | None = None,
+    api_key: str | None = None,
 ) -> FastAPI:
     """The FastAPI app serving ``path_or_pipeline`` (a checkpoints folder of ``gen-*`` generators, one generator
-    folder, or a loaded :class:`~unitok.pipeline.UnitokPipeline`). Engines start with the app's lifespan."""
+    folder, or a loaded :class:`~unitok.pipeline.UnitokPipeline`). Engines start with the app's lifespan.
+    ``api_key``: every ``/v1/`` request must bring it as a Bearer token (401 otherwise)."""
+    if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+        raise ValueError("api_key must be a non-empty string (or None for an open server)")
     limits = ServerLimits(
         max_n=max_n, max_queue=max_queue, max_batch_images=max_batch_images, max_prompt_chars=max_prompt_chars
     )
@@ -726,6 +747,8 @@ def create_app(
     app.state.server = server
 
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    if api_key is not None:
+        app.add_middleware(ApiKey, key=api_key)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):
