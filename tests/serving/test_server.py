@@ -278,6 +278,22 @@ def _read_status(sock: socket.socket) -> int:
     return int(data.split(b" ", 2)[1])
 
 
+def test_metrics_are_prometheus_text(server, client):
+    client.images.generate(model="gen-next-block", prompt="bag")
+    response = httpx.get(f"{server.url}/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for line in response.text.splitlines():
+        if not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    health = server.health()
+    assert samples['unitok_requests_total{kind="requests"}'] == health["counters"]["requests"] >= 1
+    assert samples["unitok_native_images_total"] == health["native"]["images"] >= 1
+    assert samples["unitok_in_flight"] == 0 and "unitok_native_busy_seconds_total" in samples
+    assert all(name.startswith("unitok_") for name in samples)
+
+
 def test_api_key_guards_v1_and_leaves_health_open(pipeline, running_server):
     with pytest.raises(ValueError, match="api_key"):
         create_app(pipeline, backend="native", api_key=" ")

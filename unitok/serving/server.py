@@ -9,7 +9,8 @@ Endpoints (OpenAI's shapes, so the official ``openai`` client works; unitok's se
   ``response_format="b64_mp4"`` (needs PyAV, in the ``serve`` extra);
 - ``POST /v1/completions``: the visual token ids of each sample as space-separated text (``gen.codec.decode``
   takes them back);
-- ``GET /v1/models``: the served generators, ``GET /health``: liveness, queue and batching counters.
+- ``GET /v1/models``: the served generators, ``GET /health``: liveness, queue and batching counters, ``GET /metrics``:
+  the same as Prometheus text.
 
 Backends: next-token generators go through vLLM's AsyncLLM (:mod:`unitok.serving.vllm_engine`) when vllm imports
 (``backend="auto"``, or ``"vllm"`` to insist); everything else, and next-token requests that name one of unitok's
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -683,6 +684,39 @@ class BodyLimit:
         return await self.app(scope, counted, send)
 
 
+def prometheus_text(health: dict) -> str:
+    """``/health`` as Prometheus text exposition (``unitok_*`` counters and gauges, one sample per line)."""
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+        lines.extend([f"# HELP unitok_{name} {help_}", f"# TYPE unitok_{name} {kind}"])
+        lines.extend(f"unitok_{name}{labels} {float(value):g}" for labels, value in samples)
+
+    counters = health["counters"]
+    metric(
+        "requests_total",
+        "counter",
+        "Requests by outcome or backend (counters of /health).",
+        [(f'{{kind="{key}"}}', value) for key, value in sorted(counters.items())],
+    )
+    metric("in_flight", "gauge", "Generation requests admitted and not finished.", [("", health["in_flight"])])
+    metric("native_waiting", "gauge", "Requests waiting for the native engine.", [("", health["native_waiting"])])
+    native = health["native"] or {}
+    for key, help_ in (
+        ("batches", "Batches the native engine ran."),
+        ("images", "Samples the native engine generated."),
+        ("busy_seconds", "Seconds the native engine spent computing."),
+    ):
+        metric(f"native_{key}_total", "counter", help_, [("", native.get(key, 0))])
+    metric(
+        "vllm_alive",
+        "gauge",
+        "1 while the model's vLLM engine serves (0: dead or restarting, its requests go native).",
+        [(f'{{model="{mid}"}}', int(state["alive"])) for mid, state in sorted(health["vllm"].items())],
+    )
+    return "\n".join(lines) + "\n"
+
+
 class ApiKey:
     """Pure ASGI middleware: every ``/v1/`` request must carry ``Authorization: Bearer <key>`` (what the ``openai``
     client sends as ``api_key``), or gets a 401; ``/health`` stays open for probes."""
@@ -778,6 +812,10 @@ def create_app(
     @app.get("/health")
     async def health() -> dict:
         return server.health()
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics() -> str:
+        return prometheus_text(server.health())
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models() -> ModelList:
