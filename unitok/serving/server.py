@@ -70,7 +70,7 @@ from unitok.serving.schemas import (
     VideoGenerationRequest,
     VideosResponse,
 )
-from unitok.serving.vllm_engine import EngineDeadError
+from unitok.serving.vllm_engine import EngineDeadError, VllmImageEngine
 
 logger = logging.getLogger("unitok.serving")
 MAX_VLLM_RESTARTS = 3  # per model and server: an engine that dies at every start is not restarted forever
@@ -301,8 +301,6 @@ class UnitokServer:
         vLLM binds its output handler to the loop of the first request)."""
         if not any(m.backend == "vllm" for m in self.models.values()):
             return
-        from unitok.serving.vllm_engine import VllmImageEngine
-
         for mid, served in self.models.items():
             if served.backend == "vllm":
                 logger.info("starting vLLM for %s from %s", mid, served.path)
@@ -321,8 +319,6 @@ class UnitokServer:
         self._restarting[mid] = asyncio.ensure_future(self._restart_vllm(mid))
 
     async def _restart_vllm(self, mid: str) -> None:
-        from unitok.serving.vllm_engine import VllmImageEngine
-
         try:
             await asyncio.to_thread(self.vllm[mid].shutdown)
         except Exception:  # a dead engine's shutdown may complain; the new one matters
@@ -457,11 +453,10 @@ class UnitokServer:
         """Validate, admit (or 429), run on the right backend while watching the client, and return tokens (and
         ``pixels`` when asked; the top-``logprobs`` log-probs of every step with ``logprobs``, vLLM only)."""
         plan = self.plan(fields, conditions, video)
-        stopped = self.vllm.get(plan.served.id)
-        if logprobs is not None and stopped is not None and not stopped.alive:
-            self._vllm_stopped(plan.served.id)
-            raise ApiError(503, VLLM_STOPPED_LOGPROBS, "server_error")
         if logprobs is not None and self._vllm_engine(plan) is None:
+            engine = self.vllm.get(plan.served.id)
+            if engine is not None and not engine.alive:
+                raise ApiError(503, VLLM_STOPPED_LOGPROBS, "server_error")
             raise ApiError(
                 400,
                 "logprobs come from vLLM: a next-token generator served with --backend vllm/auto, decoder 'block', "
@@ -471,10 +466,7 @@ class UnitokServer:
         self.check_capacity()
         self.in_flight += 1
         try:
-            out = await self.run(plan, request, pixels=pixels, logprobs=logprobs)
-            if pixels and out.pixels is None:  # vLLM's tokens: decoded with concurrent requests' in one batch
-                out.pixels = await self.pixels.decode(out.gen.codec, out.tokens)
-            return out
+            return await self.run(plan, request, pixels=pixels, logprobs=logprobs)
         finally:
             self.in_flight -= 1
 
@@ -498,25 +490,17 @@ class UnitokServer:
         logprobs: int | None = None,
     ) -> Generated:
         """Run an admitted plan; with ``request``, cancel it when that client disconnects. ``on_tokens`` (streaming)
-        hears every block's tokens so far, from either engine; ``logprobs`` needs vLLM."""
+        hears every block's tokens so far, from either engine; ``pixels`` decodes the samples too (vLLM's tokens with
+        concurrent requests' in one batch); ``logprobs`` needs vLLM."""
         fields, guidance = plan.fields, plan.guidance
         self.counters["requests"] += 1
         engine = self._vllm_engine(plan)
         if engine is not None:
             self.counters["vllm_requests"] += 1
-            work = self._vllm_generate(
-                engine,
-                plan.gen,
-                plan.conditions,
-                fields.n,
-                plan.sampling,
-                fields.seed,
-                logprobs,
-                guidance.scale,
-                on_tokens,
-            )
+            work = self._vllm_generate(engine, plan, logprobs, on_tokens)
             try:
-                tokens, seed, decoded, steps = await (work if request is None else self._watch(request, work))
+                tokens, seed, steps = await (work if request is None else self._watch(request, work))
+                decoded = await self.pixels.decode(plan.gen.codec, tokens) if pixels else None
                 return Generated(plan.served, plan.gen, tokens, seed, decoded, steps)
             except EngineDeadError as err:
                 # the request goes native below, and so do later ones until the engine is restarted
@@ -530,49 +514,40 @@ class UnitokServer:
         key = BatchKey(plan.served.id, guidance, plan.sampling, fields.decoder, options)
         rows = [c for c in plan.conditions for _ in range(fields.n)]
         work = self._native_generate(NativeRequest(key, rows, fields.seed, on_tokens, pixels))
-        tokens, seed, decoded, steps = await (work if request is None else self._watch(request, work))
-        return Generated(plan.served, plan.gen, tokens, seed, decoded, steps)
+        tokens, seed, decoded = await (work if request is None else self._watch(request, work))
+        return Generated(plan.served, plan.gen, tokens, seed, decoded)
 
-    async def _native_generate(
-        self, request: NativeRequest
-    ) -> tuple[torch.Tensor, int | None, torch.Tensor | None, None]:
+    async def _native_generate(self, request: NativeRequest) -> tuple[torch.Tensor, int | None, torch.Tensor | None]:
         try:
             result = await self.native.generate(request)
         except QueueFullError as err:
             self.counters["rejected_busy"] += 1
             raise ApiError(429, str(err), "rate_limit_error") from None
-        return result.tokens, result.seed, result.pixels, None
+        return result.tokens, result.seed, result.pixels
 
     async def _vllm_generate(
-        self,
-        engine,
-        gen: Generator,
-        conditions: list,
-        n: int,
-        sampling: SamplingConfig,
-        seed: int | None,
-        logprobs: int | None = None,
-        guidance_scale: float | None = None,
-        on_tokens: TokensCallback | None = None,
-    ) -> tuple[torch.Tensor, int, None, list | None]:
-        """Sample ``i`` of the request has seed ``seed + i`` (vLLM's parallel-sampling rule: condition ``j``'s
-        ``n`` samples start at ``seed + j * n``); a request without a seed gets a random one."""
-        seed = secrets.randbits(31) if seed is None else seed
+        self, engine: VllmImageEngine, plan: Plan, logprobs: int | None, on_tokens: TokensCallback | None
+    ) -> tuple[torch.Tensor, int, list | None]:
+        """Tokens, seed and (with ``logprobs``) per-step log-probs of ``plan`` on vLLM. Sample ``i`` of the request
+        has seed ``seed + i`` (vLLM's parallel-sampling rule: condition ``j``'s ``n`` samples start at
+        ``seed + j * n``); a request without a seed gets a random one."""
+        n, vocab = plan.fields.n, plan.gen.vocab
+        seed = secrets.randbits(31) if plan.fields.seed is None else plan.fields.seed
         calls = [  # concurrently: vLLM schedules the prompts' sequences together
             engine.sample(
-                gen.vocab.prefix_ids([condition])[0].tolist(),
+                vocab.prefix_ids([condition])[0].tolist(),
                 n,
                 seed + j * n,
-                sampling,
+                plan.sampling,
                 logprobs,
-                guidance_scale,
+                plan.guidance.scale,
                 on_tokens,
             )
-            for j, condition in enumerate(conditions)
+            for j, condition in enumerate(plan.conditions)
         ]
         parts = await asyncio.gather(*calls)
         steps = [row for part in parts for row in part.logprobs] if logprobs is not None else None
-        return torch.cat([part.tokens for part in parts]).long(), seed, None, steps
+        return torch.cat([part.tokens for part in parts]).long(), seed, steps
 
     async def _watch(self, request: Request, work):
         """Await ``work`` (a coroutine); if the client disconnects first, cancel it and raise."""
@@ -690,7 +665,7 @@ def prometheus_text(health: dict) -> str:
 
     def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
         lines.extend([f"# HELP unitok_{name} {help_}", f"# TYPE unitok_{name} {kind}"])
-        lines.extend(f"unitok_{name}{labels} {float(value):g}" for labels, value in samples)
+        lines.extend(f"unitok_{name}{labels} {value}" for labels, value in samples)
 
     counters = health["counters"]
     metric(
@@ -964,8 +939,6 @@ async def _stream_image(server: UnitokServer, plan: Plan, scale: int, partial_im
             server.counters["client_errors" if err.status < 500 else "server_errors"] += 1
             yield sse({"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.status}})
             return
-        if out.pixels is None:  # vLLM's tokens
-            out.pixels = await server.pixels.decode(gen.codec, out.tokens)
         png = await asyncio.to_thread(png_bytes, to_uint8(out.pixels)[0], scale)
         prompt_tokens, tokens_out = gen.vocab.prefix_len, gen.spec.num_tokens
         usage = {

@@ -59,6 +59,7 @@ class GuidanceLogitsProcessor(LogitsProcessor):
         self.visual = slice(spec.visual_offset, spec.visual_offset + spec.num_visual_tokens)
         self.default_scale = spec.guidance_scale
         self.scales: dict[int, float] = {}  # batch row -> scale, for requests that name one
+        self._column: torch.Tensor | None = None  # (rows, 1) scales of the last apply, until the batch changes
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
@@ -68,7 +69,8 @@ class GuidanceLogitsProcessor(LogitsProcessor):
         return False
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
-        process_dict_updates(self.scales, batch_update, lambda params, _prompt, _out: request_scale(params))
+        if process_dict_updates(self.scales, batch_update, lambda params, _prompt, _out: request_scale(params)):
+            self._column = None
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         rows, width = logits.shape
@@ -77,10 +79,13 @@ class GuidanceLogitsProcessor(LogitsProcessor):
                 f"expected paired logits of width {2 * self.vocab_size} (the model's per-request guidance output), "
                 f"got {width}: is the model started with generation.per_request_guidance = true?"
             )
-        scales = torch.full((rows, 1), self.default_scale, dtype=logits.dtype, device=logits.device)
-        for row, scale in self.scales.items():
-            if row < rows:
-                scales[row, 0] = scale
+        scales = self._column
+        if scales is None or scales.shape[0] != rows or scales.dtype != logits.dtype:
+            scales = torch.full((rows, 1), self.default_scale, dtype=logits.dtype, device=logits.device)
+            for row, scale in self.scales.items():
+                if row < rows:
+                    scales[row, 0] = scale
+            self._column = scales
         cond = logits[:, self.visual]
         uncond = logits[:, self.vocab_size + self.visual.start : self.vocab_size + self.visual.stop]
         guided = torch.full((rows, self.vocab_size), float("-inf"), dtype=logits.dtype, device=logits.device)
