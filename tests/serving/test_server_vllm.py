@@ -132,6 +132,20 @@ def _engine_core_pid(server_pid: int) -> int:
     raise AssertionError("no vLLM engine core under the server")
 
 
+def _niceness(pid: int) -> set[int]:
+    """The niceness of every thread of ``pid`` (Linux keeps it per thread)."""
+    return {os.getpriority(os.PRIO_PROCESS, int(t.name)) for t in Path(f"/proc/{pid}/task").iterdir()}
+
+
+def test_engine_core_yields_to_the_request_path(vllm_server):
+    """``unitok serve`` raises the engine core's niceness by VLLM_ENGINE_NICE (every thread: the torch threads that
+    run the forwards too), so HTTP handling and pixel decoding in the server process go first."""
+    from unitok.serving.server import VLLM_ENGINE_NICE
+
+    server = os.getpriority(os.PRIO_PROCESS, vllm_server.proc.pid)
+    assert _niceness(_engine_core_pid(vllm_server.proc.pid)) == {min(19, server + VLLM_ENGINE_NICE)}
+
+
 def test_a_dead_vllm_engine_fails_over_to_native_and_restarts(vllm_server):
     """vLLM's engine core dies (killed here) while a request runs on it: that request and those that follow are
     served by the native engine while vLLM restarts in the background (what only vLLM can do, logprobs, is a 503
@@ -176,6 +190,8 @@ def test_a_dead_vllm_engine_fails_over_to_native_and_restarts(vllm_server):
     assert len(out.choices[0].logprobs.token_logprobs) == 49
     after = health()
     assert after["counters"]["vllm_requests"] == before["vllm_requests"] + 1
+    server = os.getpriority(os.PRIO_PROCESS, vllm_server.proc.pid)
+    assert _niceness(_engine_core_pid(vllm_server.proc.pid)) == {min(19, server + 5)}  # the new one yields too
     assert after["vllm"]["gen-next-token"] == {
         "guidance_scale": 3.0,
         "per_request_guidance": False,

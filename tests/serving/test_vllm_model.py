@@ -4,8 +4,10 @@ that stay paired under concurrent requests, the visual-only vocabulary, seeds, a
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -176,6 +178,38 @@ def test_cpu_engine_core_runs_the_model(engine):
     assert engine.llm.vllm_config.parallel_config.distributed_executor_backend == "uni"
     names = [p.name() for p in psutil.Process().children(recursive=True)]
     assert "VLLM::EngineCore" in names and "VLLM::Worker" not in names
+
+
+def test_lower_priority_nices_every_thread_and_caps_at_19():
+    """``lower_priority`` (what ``VllmImageEngine.start(nice=...)`` applies to the engine core) adds to the niceness
+    of every thread of a process, never past 19."""
+    from unitok.serving.vllm_engine import lower_priority
+
+    code = "import threading, time; [threading.Thread(target=time.sleep, args=(60,)).start() for _ in range(2)]"
+    child = subprocess.Popen([sys.executable, "-c", code + "; time.sleep(60)"])
+    try:
+        tasks = Path(f"/proc/{child.pid}/task")
+        deadline = time.monotonic() + 30
+        while len(list(tasks.iterdir())) < 3:
+            assert time.monotonic() < deadline, "the child's threads never started"
+            time.sleep(0.05)
+        base = os.getpriority(os.PRIO_PROCESS, child.pid)
+        niceness = lambda: {os.getpriority(os.PRIO_PROCESS, int(t.name)) for t in tasks.iterdir()}  # noqa: E731
+        lower_priority(child.pid, 3)
+        assert niceness() == {min(19, base + 3)}
+        lower_priority(child.pid, 19)
+        assert niceness() == {19}
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_start_refuses_a_bad_nice():
+    from unitok.serving.vllm_engine import VllmImageEngine
+
+    for bad in (-1, 20, 2.5, True):
+        with pytest.raises(ValueError, match="nice must be"):
+            VllmImageEngine.start(CHECKPOINT, nice=bad)
 
 
 def test_greedy_n_images_are_one_image_repeated(engine, gen, loop):

@@ -289,11 +289,15 @@ def _engine_alone(
 ) -> dict:
     """The same prompts and seeds straight into a :class:`VllmImageEngine` (torch.compile, like the server) from
     ``clients`` concurrent coroutines, no HTTP, no pixels: what the server's vLLM backend could reach. Median of
-    ``rounds``. ``per_request_guidance``: the engine that serves every scale (the requests still use the default)."""
+    ``rounds``. The engine core's niceness is the server's. ``per_request_guidance``: the engine that serves every
+    scale (the requests still use the default)."""
+    from unitok.serving.server import VLLM_ENGINE_NICE
     from unitok.serving.vllm_engine import VllmImageEngine, close_loop
 
     prefixes = {name: gen.vocab.prefix_ids([name])[0].tolist() for name, _ in jobs}
-    engine = VllmImageEngine.start(path, enforce_eager=False, per_request_guidance=per_request_guidance)
+    engine = VllmImageEngine.start(
+        path, enforce_eager=False, per_request_guidance=per_request_guidance, nice=VLLM_ENGINE_NICE
+    )
     loop = asyncio.new_event_loop()
 
     async def load(items: list[tuple[str, int]]) -> float:

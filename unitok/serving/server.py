@@ -73,6 +73,7 @@ from unitok.serving.schemas import (
 from unitok.serving.vllm_engine import EngineDeadError, VllmImageEngine
 
 logger = logging.getLogger("unitok.serving")
+VLLM_ENGINE_NICE = 5  # niceness added to vLLM's engine core (VllmImageEngine.start): the request path goes first
 MAX_VLLM_RESTARTS = 3  # per model and server: an engine that dies at every start is not restarted forever
 VLLM_STOPPED_LOGPROBS = "logprobs need vLLM, whose engine has stopped; it is restarting (see /health), retry later"
 ALIAS = "unitok"  # model id that means "the served generator picked by mode"
@@ -268,7 +269,9 @@ class UnitokServer:
             vllm = use_vllm and mode == "next-token"
             mid = model_id(mode, video)
             self.models[mid] = ServedModel(mid, mode, video, "vllm" if vllm else "native", paths.get((mode, video)))
-        self.vllm_options = dict(vllm_options or {})  # VllmImageEngine.start options (guidance_scale, draft, ...)
+        # VllmImageEngine.start options (guidance_scale, draft, ...); the engine core yields the CPU to this process's
+        # request handling unless told otherwise (VllmImageEngine.start's ``nice``)
+        self.vllm_options = {"nice": VLLM_ENGINE_NICE, **(vllm_options or {})}
         self.generators: dict[str, Generator] = {}
         self.native: NativeEngine | None = None
         self.vllm: dict[str, Any] = {}

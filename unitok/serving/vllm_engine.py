@@ -117,6 +117,26 @@ def _start_async_llm(args, threads: int):
         )
 
 
+def engine_core_pids(llm) -> list[int]:
+    """The process ids of ``llm``'s (an ``AsyncLLM``'s) engine core processes; empty where vLLM runs them elsewhere
+    (e.g. Ray) or the attributes moved."""
+    resources = getattr(getattr(llm, "engine_core", None), "resources", None)
+    manager = getattr(resources, "engine_manager", None)
+    return [proc.pid for proc in getattr(manager, "processes", []) if proc.pid is not None]
+
+
+def lower_priority(pid: int, nice: int) -> None:
+    """Raise process ``pid``'s niceness by ``nice`` (capped at 19), every thread of it on Linux (where niceness is
+    per thread and the engine core's torch threads already exist)."""
+    tasks = Path(f"/proc/{pid}/task")
+    threads = [int(t.name) for t in tasks.iterdir()] if tasks.is_dir() else [pid]
+    for tid in threads:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+        except ProcessLookupError:  # a thread that ended meanwhile
+            pass
+
+
 def close_loop(loop: asyncio.AbstractEventLoop) -> None:
     """Close the event loop an engine ran on, after :meth:`VllmImageEngine.shutdown`. The shutdown cancels vLLM's
     output handler, which holds a ZMQ socket: the cancellation has to run, or the ZMQ context blocks the
@@ -167,6 +187,7 @@ class VllmImageEngine:
         seed: int = 0,
         threads: int | None = None,
         per_request_guidance: bool = False,
+        nice: int = 0,
         **engine_args,
     ) -> VllmImageEngine:
         """Start vLLM on ``path``.
@@ -177,8 +198,16 @@ class VllmImageEngine:
         ``threads``: torch threads of vLLM's engine core on CPU (default: this process's count).
         ``per_request_guidance``: every request may bring its own guidance scale (``guidance_scale`` is then the
         scale of requests that name none); not with ``draft``. ``engine_args`` go to vLLM's ``AsyncEngineArgs`` as
-        they are."""
+        they are.
+
+        ``nice`` (0..19): raise the engine core process's niceness by this much once it runs, so that work in this
+        process (a server's HTTP handling, pixel decoding, PNG encoding) preempts the engine's steps instead of
+        queueing behind them. Under a steady load that only reorders the same work, and the request path is the
+        part whose delay leaves engine slots empty: ``unitok serve`` uses 5, which took its throughput from 46 to 50
+        images/s on 2 cores with 16 concurrent clients (measured, same server, alternating settings)."""
         threads = torch.get_num_threads() if threads is None else threads
+        if isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= 19:
+            raise ValueError(f"nice must be an int in 0..19, got {nice!r}")
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive int, got {threads!r}")
         path = str(path)
@@ -227,7 +256,11 @@ class VllmImageEngine:
         from vllm.platforms import current_platform
 
         cpu = current_platform.is_cpu()
-        return cls(_start_async_llm(args, threads), spec, path, speculative=draft is not None, cpu=cpu)
+        llm = _start_async_llm(args, threads)
+        if nice:
+            for pid in engine_core_pids(llm):
+                lower_priority(pid, nice)
+        return cls(llm, spec, path, speculative=draft is not None, cpu=cpu)
 
     @property
     def guidance_scale(self) -> float:
