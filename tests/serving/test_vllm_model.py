@@ -204,6 +204,18 @@ def test_lower_priority_nices_every_thread_and_caps_at_19():
         child.wait()
 
 
+def test_compile_cache_is_per_user_and_falls_back_to_a_temporary_folder(tmp_path, monkeypatch):
+    from unitok.serving.vllm_engine import compile_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compile_cache_dir() == tmp_path / "unitok" / "vllm" and (tmp_path / "unitok" / "vllm").is_dir()
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))  # cannot hold folders
+    fallback = compile_cache_dir()
+    assert fallback.is_dir() and fallback.name.startswith("unitok-vllm-") and not str(fallback).startswith(str(blocked))
+
+
 def test_start_refuses_a_bad_nice():
     from unitok.serving.vllm_engine import VllmImageEngine
 
