@@ -188,3 +188,40 @@ def test_prefixes_of_the_wrong_shape_raise(model):
         decode_blocks(model, layout, _prefix(1)[0], VISUAL)  # 1-D
     with pytest.raises(ValueError, match="null_prefix_ids"):
         decode_blocks(model, layout, _prefix(2), VISUAL, guidance_scale=2.0, null_prefix_ids=NULL[:, :2])
+
+
+def test_pruned_rows_stop_and_kept_rows_are_unchanged(model, layout):
+    """``prune`` drops rows mid-decode (a server's requests whose clients left): the dropped rows take no part in
+    later passes, the kept rows get the tokens of the full batch, ``rows`` names them."""
+    prefix = _prefix(4, seed=5)
+    kwargs = {"guidance_scale": 2.0, "null_prefix_ids": NULL, "sampling": GREEDY}
+    full = decode_blocks(model, layout, prefix, VISUAL, **kwargs)
+    assert full.rows is None
+    if layout.num_blocks < 3:
+        pytest.skip("needs 3 blocks")
+    masks = {1: torch.tensor([True, False, True, True]), 2: torch.tensor([False, True, True])}
+    calls, widths = [], []
+    forward = KVEngine.forward
+
+    def spy(self, inputs_embeds, *args, **kw):
+        widths.append(inputs_embeds.shape[0])
+        return forward(self, inputs_embeds, *args, **kw)
+
+    def prune(block):
+        calls.append(block)
+        return masks.get(block)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(KVEngine, "forward", spy)
+        pruned = decode_blocks(model, layout, prefix, VISUAL, prune=prune, **kwargs)
+    assert calls == list(range(1, layout.num_blocks))  # before every block after the first
+    assert widths[:3] == [8, 6, 4] and set(widths[3:]) <= {4}  # cond + null rows of the live requests
+    assert pruned.rows.tolist() == [2, 3]
+    assert torch.equal(pruned.tokens, full.tokens[[2, 3]])
+
+
+def test_prune_must_return_a_row_mask_that_keeps_a_row(model):
+    layout = NextTokenMode().layout(TokenGrid(1, 2, 2), P)
+    for bad in (torch.tensor([False, False]), torch.tensor([1, 0]), torch.tensor([True])):
+        with pytest.raises(ValueError, match="bool mask of 2 rows"):
+            decode_blocks(model, layout, _prefix(2), VISUAL, sampling=GREEDY, prune=lambda block, b=bad: b)

@@ -126,22 +126,30 @@ def test_a_running_batch_stops_when_every_request_is_cancelled(gen):
         return futures
 
     try:
-        # the first request is cancelled at block 2: the batch goes on for the second
+        # the first request is cancelled at block 2: it leaves the batch before block 3 (answered, its slot free
+        # while the batch still runs), the second goes on with the tokens it gets when nobody leaves
+        uncancelled = one_batch(lambda i: None)[1].result(60)
         seen: list = []
+        left: list = []
 
         def cancel_first(i):
             def on_tokens(block, tokens):
                 seen.append((i, block))
                 if i == 0 and block == 2:
                     assert engine.cancel(futures[0])
+                if i == 1 and block == 4:
+                    left.append((futures[0].done(), engine.pending))
 
             return on_tokens
 
         futures = one_batch(cancel_first)
-        assert futures[1].result(60).batch_requests == 2
-        with pytest.raises(BatchAbandonedError, match="cancelled"):
+        survivor = futures[1].result(60)
+        with pytest.raises(BatchAbandonedError, match="left its batch at block 3"):
             futures[0].result(1)
-        assert [b for i, b in seen if i == 1] == list(range(blocks)) and engine.stats.cancelled == 1
+        assert survivor.batch_requests == 2 and torch.equal(survivor.tokens, uncancelled.tokens)
+        assert left == [(True, 1)]  # answered and out of the count two blocks before the batch ends
+        assert [b for i, b in seen if i == 0] == [0, 1, 2] and [b for i, b in seen if i == 1] == list(range(blocks))
+        assert engine.stats.cancelled == 1
         # both cancelled at block 2: the batch stops before drawing block 3, and the worker goes on
         seen.clear()
 

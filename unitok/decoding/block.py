@@ -9,6 +9,7 @@ faster decoders of this package are tested against this one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ from unitok.model.modes import Layout
 class DecodeResult:
     tokens: torch.Tensor  # (B, N) visual token ids (0-based, canonical order)
     forward_passes: int  # model calls for the whole batch (CFG rows ride in the same call)
+    rows: torch.Tensor | None = None  # with rows dropped (decode_blocks' ``prune``): the input rows of ``tokens``
 
 
 def _check_prefix(prefix_ids: torch.Tensor, layout: Layout, name: str) -> None:
@@ -61,12 +63,19 @@ def decode_blocks(
     null_prefix_ids: torch.Tensor | None = None,
     sampling: SamplingConfig | None = None,
     generator: torch.Generator | None = None,
+    prune: Callable[[int], torch.Tensor | None] | None = None,
 ) -> DecodeResult:
     """Generate ``layout.num_visual`` tokens for each row of ``prefix_ids`` (B, prefix_len).
 
     ``guidance_scale`` is a float or a :class:`~unitok.decoding.cfg.Guidance` schedule (read at each block's
     first token). With guidance the null condition ``null_prefix_ids`` ((1 or B, prefix_len)) runs in the same
     batch. ``sampling`` defaults to plain sampling at temperature 1.
+
+    ``prune(block)``, called before every block after the first, may return a bool mask over the rows still
+    decoded (True = go on); the others are dropped from the cache and every later pass (a server's requests whose
+    clients left). The result then holds the surviving rows, and ``rows`` their indices in ``prefix_ids``. Where
+    each row draws from its own random stream (greedy, or the server's per-request generators), a kept row gets
+    the tokens it would have got in the full batch (up to float rounding of the smaller batch's matmuls).
     """
     sampling = sampling or SamplingConfig()
     guidance = as_guidance(guidance_scale)
@@ -80,7 +89,19 @@ def decode_blocks(
     engine = KVEngine(model, rows=rows, capacity=layout.length, positions=layout.positions)
     tokens = torch.empty(batch, 0, dtype=torch.long, device=device)
     visual_embeds = torch.empty(rows, 0, start.shape[-1], dtype=start.dtype, device=device)
+    alive = None  # input rows still decoded, once some were dropped
     for block in range(layout.num_blocks):
+        keep = prune(block) if prune is not None and block else None
+        if keep is not None and (
+            not isinstance(keep, torch.Tensor) or keep.shape != (batch,) or keep.dtype != torch.bool or not keep.any()
+        ):
+            raise ValueError(f"prune must return None or a bool mask of {batch} rows keeping one, got {keep!r}")
+        if keep is not None and not bool(keep.all()):
+            kept = keep.nonzero()[:, 0].to(device)
+            engine.select_rows(torch.cat([kept, kept + batch]) if cfg else kept)
+            tokens, visual_embeds = tokens[kept], visual_embeds[torch.cat([kept, kept + batch]) if cfg else kept]
+            alive = (alive if alive is not None else torch.arange(batch, device=device))[kept]
+            batch = kept.numel()
         begin, end = layout.step_range(block)
         inputs = layout.step_inputs(block, visual_embeds, start)
         inputs = visual.add_block_embedding(model, inputs, torch.full((inputs.shape[1],), block, dtype=torch.long))
@@ -95,4 +116,4 @@ def decode_blocks(
         tokens = torch.cat([tokens, new], dim=1)
         new_embeds = visual.embed(model, new)
         visual_embeds = torch.cat([visual_embeds, torch.cat([new_embeds] * (2 if cfg else 1))], dim=1)
-    return DecodeResult(tokens=tokens, forward_passes=layout.num_blocks)
+    return DecodeResult(tokens=tokens, forward_passes=layout.num_blocks, rows=alive)

@@ -155,6 +155,20 @@ class KVEngine:
             hidden = hidden + (act(gate) * up) @ w_down
         return F.rms_norm(hidden[:, -keep:], (hidden_size,), *self.final_norm)
 
+    @torch.no_grad()
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep only the cache rows ``index`` (1-D, in that order), e.g. to stop decoding rows nobody waits for;
+        later passes take ``len(index)`` rows."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.device)
+        if index.dim() != 1 or index.numel() == 0:
+            raise ValueError(f"index must be a non-empty 1-D tensor of rows, got shape {tuple(index.shape)}")
+        if int(index.min()) < 0 or int(index.max()) >= self.rows:
+            raise ValueError(f"row index out of range for {self.rows} rows: {index.tolist()}")
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+        self.rows = index.numel()
+        self._row_index = torch.arange(self.rows, device=self.device)[:, None]
+
     def scores(
         self, visual: VisualVocab, *args, guidance: float | torch.Tensor | None = None, **kwargs
     ) -> torch.Tensor:

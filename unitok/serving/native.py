@@ -20,9 +20,10 @@ a seeded request runs alone, again equal to the pipeline run with its seed.
 Limits and cancellation: at most ``max_queue`` requests are admitted (waiting or running); :meth:`submit` raises
 :class:`QueueFullError` beyond that. A request cancelled (:meth:`NativeEngine.cancel`, or its awaiting task
 cancelled: its client went away) while it waits leaves the queue at once and frees its slot. One cancelled while its
-batch runs is not answered; when every request of a running block-decoder batch is cancelled, the batch stops at its
-next block instead of computing images nobody will receive (the speculative decoders finish their batch: they have
-no per-block hook).
+block-decoder batch runs leaves the batch before the next block: its rows are dropped from the KV cache and from every
+later forward, its slot frees up, and the others go on with the tokens they would have had anyway (each draws from
+its own generator); when every request is cancelled the batch stops. The speculative decoders have no per-block hook:
+a request cancelled in their batch is not answered, and the batch finishes.
 """
 
 from __future__ import annotations
@@ -93,8 +94,8 @@ class NativeResult:
     tokens: torch.Tensor  # (n, N) visual token ids, what ``gen.codec.decode`` takes
     pixels: torch.Tensor | None  # (n, C, H, W) or (n, T, C, H, W) in [-1, 1] when the request asked for pixels
     seed: int | None  # the seed that reproduces these samples; None when no single seed does (see module doc)
-    batch_requests: int  # how many requests shared the batch
-    batch_images: int  # how many samples the batch generated
+    batch_requests: int  # how many requests shared the batch (when it started)
+    batch_images: int  # how many samples the batch started with
 
 
 @dataclass
@@ -147,6 +148,11 @@ class RowSeededVisual(VisualVocab):
         self.abandoned = abandoned
         self.blocks = 0
         self.so_far: list[torch.Tensor | None] = [None] * len(groups)
+
+    def keep_groups(self, keep: list[bool]) -> None:
+        """Drop the groups (requests) whose ``keep`` is False: the decoder dropped their rows."""
+        self.groups = [g for g, k in zip(self.groups, keep, strict=True) if k]
+        self.so_far = [t for t, k in zip(self.so_far, keep, strict=True) if k]
 
     def sample(self, scores: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None):
         if self.abandoned is not None and self.abandoned():
@@ -246,9 +252,9 @@ class NativeEngine:
 
     def cancel(self, future: Future) -> bool:
         """Cancel the request of ``future`` (from :meth:`submit`): a waiting one leaves the queue and its future is
-        cancelled; a running one is not answered (its future fails with :class:`BatchAbandonedError`), and a
-        block-decoder batch whose requests are all cancelled stops at its next block. False if the request had
-        finished already."""
+        cancelled; a running one is not answered (its future fails with :class:`BatchAbandonedError`) and, in a
+        block-decoder batch, leaves it before the next block (the batch stops when none is left). False if the
+        request had finished already."""
         if future.cancel():
             return True
         with self._cond:
@@ -364,11 +370,11 @@ class NativeEngine:
         key = batch[0].request.key
         try:
             with self.compute_lock:
-                tokens = self._decode(key, batch)
-                pixels = None if self._abandoned(batch) else self._pixels(key, batch, tokens)
+                tokens, live = self._decode(key, batch)
+                pixels = None if self._abandoned(live) else self._pixels(key, live, tokens)
         except BatchAbandonedError as err:
             logger.info("native engine: %s", err)
-            self.stats.cancelled += len(batch)
+            self.stats.cancelled += sum(not job.future.done() for job in batch)
             self.stats.busy_seconds += time.perf_counter() - start
             for job in batch:
                 if not job.future.done():
@@ -382,22 +388,23 @@ class NativeEngine:
                     job.future.set_exception(err if isinstance(err, Exception) else RuntimeError(repr(err)))
             return
         elapsed = time.perf_counter() - start
-        images = sum(job.size for job in batch)
+        images = sum(job.size for job in live)
         stats = self.stats
         stats.batches += 1
-        stats.requests += len(batch)
+        stats.requests += len(live)
         stats.images += images
         stats.max_batch_requests = max(stats.max_batch_requests, len(batch))
-        stats.max_batch_images = max(stats.max_batch_images, images)
+        started = sum(job.size for job in batch)  # the batch's images when it started (some may have left)
+        stats.max_batch_images = max(stats.max_batch_images, started)
         stats.busy_seconds += elapsed
-        stats.cancelled += sum(job.abandoned for job in batch)
+        stats.cancelled += sum(job.abandoned for job in live)
         row = 0
-        for job in batch:
+        for job in live:
             reproducible = key.decoder == "block" or len(batch) == 1
             seed = job.seed if reproducible else None
             mine = slice(row, row + job.size)
             own = pixels[mine].clone() if pixels is not None and job.request.pixels else None
-            result = NativeResult(tokens[mine].clone(), own, seed, len(batch), images)
+            result = NativeResult(tokens[mine].clone(), own, seed, len(batch), started)
             row += job.size
             if not job.abandoned:  # a cancelled caller is simply not answered
                 job.future.set_result(result)
@@ -416,8 +423,35 @@ class NativeEngine:
         with torch.inference_mode():
             return self.resolve(key.model).codec.decode(tokens)
 
-    def _decode(self, key: BatchKey, batch: list[_Job]) -> torch.Tensor:
-        """(sum of n, N) tokens of every job in ``batch``, in job order."""
+    def _drop_abandoned(self, live: list[_Job], visual: RowSeededVisual) -> Callable[[int], torch.Tensor | None]:
+        """The block decoder's ``prune``: before each block, the rows of requests cancelled since the last one leave
+        the batch (their callers hear :class:`BatchAbandonedError` and their queue slots free up at once); ``live``
+        and ``visual``'s groups follow. With every request cancelled the batch stops instead."""
+
+        def prune(block: int) -> torch.Tensor | None:
+            keep = [not job.abandoned for job in live]  # one reading: callers may cancel meanwhile
+            if all(keep):
+                return None
+            if not any(keep):
+                raise BatchAbandonedError(f"every request of the batch was cancelled (stopped at block {block})")
+            rows = torch.tensor([k for job, k in zip(live, keep, strict=True) for _ in range(job.size)])
+            dropped = [job for job, k in zip(live, keep, strict=True) if not k]
+            live[:] = [job for job, k in zip(live, keep, strict=True) if k]
+            visual.keep_groups(keep)
+            with self._cond:
+                self._running = [job for job in self._running if all(job is not d for d in dropped)]
+            self.stats.cancelled += len(dropped)
+            for job in dropped:
+                job.future.set_exception(
+                    BatchAbandonedError(f"this request was cancelled; it left its batch at block {block}")
+                )
+            return rows
+
+        return prune
+
+    def _decode(self, key: BatchKey, batch: list[_Job]) -> tuple[torch.Tensor, list[_Job]]:
+        """(sum of n, N) tokens of the jobs of ``batch`` still wanted at the end (the block decoder drops cancelled
+        ones as it goes), in job order, and those jobs."""
         from unitok.decoding import NEEDS_CODES, get_decoder
 
         gen = self.resolve(key.model)
@@ -428,9 +462,11 @@ class NativeEngine:
         if key.decoder in NEEDS_CODES:
             options["codes"] = gen.codec.code_table()
         vocab = gen.vocab
+        live = list(batch)
         if key.decoder == "block":
             groups = [(job.size, torch.Generator().manual_seed(job.seed), job.request.on_tokens) for job in batch]
-            visual = RowSeededVisual(gen.visual, groups, lambda: self._abandoned(batch))
+            visual = RowSeededVisual(gen.visual, groups, lambda: self._abandoned(live))
+            options["prune"] = self._drop_abandoned(live, visual)
             generator = None
         else:  # one generator for the batch: a lone seeded job, or unseeded jobs (seeded with the first's seed)
             visual = gen.visual
@@ -447,4 +483,4 @@ class NativeEngine:
                 generator=generator,
                 **options,
             )
-        return result.tokens
+        return result.tokens, live
