@@ -15,7 +15,8 @@ the model decodes 35 with one thread, ~58 compiled with two (``unitok bench serv
 The guidance scale is the engine's (``guidance_scale`` at :meth:`VllmImageEngine.start`, default the checkpoint's
 ``generation.guidance_scale``); a request asking for another scale gets a ``ValueError``, unless the engine was
 started with ``per_request_guidance=True``: then every request may bring its own scale
-(:mod:`unitok.serving.vllm_guidance`; the head computes both streams' logits, 2-6% slower on the bundled model).
+(:mod:`unitok.serving.vllm_guidance`; the head computes both streams' logits, 2-17% slower on the bundled
+model across our runs).
 Seeds follow vLLM's parallel sampling: image ``i`` of a request with ``seed`` is image 0 of a request with
 ``seed + i``.
 
