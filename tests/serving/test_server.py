@@ -329,6 +329,62 @@ def test_a_batch_whose_clients_all_left_stops(pipeline, running_server, held_eng
         assert server.health()["native"]["batches"] == 1
 
 
+def _read_json(sock: socket.socket) -> tuple[int, dict]:
+    """Status and JSON body of the response on ``sock`` (Content-Length framed)."""
+    sock.settimeout(120)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return int(head.split(b" ", 2)[1]), json.loads(body)
+
+
+def test_a_client_that_leaves_a_running_batch_drops_out_of_it(pipeline, running_server, held_engine):
+    """Two requests share a native batch; one client hangs up before its first forward: its rows leave the batch
+    (the batch generates one clip, not two) and the other gets the clip it gets alone with its seed."""
+    app = create_app(pipeline, backend="native", max_n=4, max_queue=4)
+    with running_server(app) as server:
+        engine = server.state.native
+        original, held, release = engine.resolve, threading.Event(), threading.Event()
+
+        def resolve(model_id):  # hold the batch of the two requests before its first forward
+            if len(engine._running) == 2 and not release.is_set():
+                held.set()
+                release.wait(120)
+            return original(model_id)
+
+        body = {"model": "gen-video-next-block", "prompt": "coat"}
+        with held_engine(engine) as blocker:
+            first = _raw_request(server.url, {**body, "seed": 0})
+            assert blocker.holding.wait(30)
+            engine.resolve = resolve
+            staying = _raw_request(server.url, {**body, "seed": 1})
+            leaving = _raw_request(server.url, {**body, "seed": 2})
+            server.wait_for(lambda h: h["native_waiting"] == 2)
+            blocker.release()
+            assert held.wait(60)
+            leaving.close()
+            server.wait_for(lambda h: h["counters"]["disconnected"] == 1, timeout=10)
+            release.set()
+            status, stayed = _read_json(staying)
+        engine.resolve = original
+        assert status == 200 and _read_status(first) == 200
+        health = server.health()
+        assert health["native"]["batches"] == 2 and health["native"]["cancelled"] == 1
+        assert (
+            health["native"]["images"] == 2 and health["native"]["max_batch_images"] == 2
+        )  # 1 + 1: the leaver's clip was never made
+        alone = httpx.post(f"{server.url}/v1/videos/generations", json={**body, "seed": 1}, timeout=120).json()
+        assert stayed["data"][0]["b64_gif"] == alone["data"][0]["b64_gif"] and stayed["seed"] == 1
+        staying.close()
+        first.close()
+
+
 def test_full_queue_is_429_and_a_client_that_leaves_frees_its_slot(pipeline, running_server, held_engine):
     app = create_app(pipeline, backend="native", max_n=4, max_queue=2)
     with running_server(app) as server:
