@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import logging
 import os
 import shutil
 import tempfile
@@ -43,6 +44,8 @@ import torch
 from unitok.decoding.cfg import check_guidance_scale
 from unitok.decoding.sampling import SamplingConfig
 from unitok.serving.vllm_spec import ImageSpec
+
+logger = logging.getLogger(__name__)
 
 # vLLM reads these when it starts; setdefault keeps what the caller exported.
 CPU_ENVIRONMENT = {
@@ -279,7 +282,10 @@ class VllmImageEngine:
         cpu = current_platform.is_cpu()
         llm = _start_async_llm(args, threads)
         if nice:
-            for pid in engine_core_pids(llm):
+            pids = engine_core_pids(llm)
+            if not pids:
+                logger.warning("nice=%d not applied: this vLLM does not expose its engine core processes", nice)
+            for pid in pids:
                 lower_priority(pid, nice)
         return cls(llm, spec, path, speculative=draft is not None, cpu=cpu)
 
