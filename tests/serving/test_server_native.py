@@ -172,6 +172,36 @@ def test_a_running_batch_stops_when_every_request_is_cancelled(gen):
         engine.close()
 
 
+def test_a_multi_image_request_leaves_a_running_batch_whole(gen):
+    """A cancelled request of 2 images leaves its batch with both rows (and their CFG rows); the 1-image request
+    after it keeps its own rows and gets the image it gets alone."""
+    engine = NativeEngine(lambda model_id: gen, batch_window_s=0)
+    try:
+        alone = engine.submit(NativeRequest(KEY, ["bag"], seed=5)).result(60)
+        gate = Gate(gen)
+        engine.resolve = gate
+        blocker = engine.submit(NativeRequest(KEY, ["coat"], seed=9))
+        assert gate.entered.wait(30)
+        futures = []
+
+        def leave(block, tokens):
+            assert tokens.shape[0] == 2
+            if block == 1:
+                assert engine.cancel(futures[0])
+
+        futures.append(engine.submit(NativeRequest(KEY, ["dress", "shirt"], seed=3, on_tokens=leave)))
+        futures.append(engine.submit(NativeRequest(KEY, ["bag"], seed=5)))
+        gate.open()
+        blocker.result(60)
+        stayed = futures[1].result(60)
+        with pytest.raises(BatchAbandonedError, match="left its batch at block 2"):
+            futures[0].result(1)
+        assert torch.equal(stayed.tokens, alone.tokens) and stayed.batch_images == 3
+        assert engine.stats.images == 3 and engine.stats.cancelled == 1  # bag, coat, bag: the pair was never finished
+    finally:
+        engine.close()
+
+
 def test_a_failing_batch_fails_its_requests_and_the_worker_goes_on(gen):
     calls = []
 
