@@ -98,8 +98,9 @@ def decode_blocks(
             raise ValueError(f"prune must return None or a bool mask of {batch} rows keeping one, got {keep!r}")
         if keep is not None and not bool(keep.all()):
             kept = keep.nonzero()[:, 0].to(device)
-            engine.select_rows(torch.cat([kept, kept + batch]) if cfg else kept)
-            tokens, visual_embeds = tokens[kept], visual_embeds[torch.cat([kept, kept + batch]) if cfg else kept]
+            kept_rows = torch.cat([kept, kept + batch]) if cfg else kept  # with the null rows of the kept ones
+            engine.select_rows(kept_rows)
+            tokens, visual_embeds = tokens[kept], visual_embeds[kept_rows]
             alive = (alive if alive is not None else torch.arange(batch, device=device))[kept]
             batch = kept.numel()
         begin, end = layout.step_range(block)

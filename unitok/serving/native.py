@@ -134,18 +134,16 @@ class RowSeededVisual(VisualVocab):
 
     ``groups`` lists (rows, generator, on_tokens or None) in row order. The generator the decoder passes is ignored:
     every draw of the block decoder goes through this method, one call per block with (B, ...) guided scores, which
-    also makes it the place to report each request's tokens so far (streaming previews) and to stop a batch nobody
-    waits for any more: ``abandoned()`` true raises :class:`BatchAbandonedError` before the draw."""
+    also makes it the place to report each request's tokens so far (streaming previews). Requests whose callers
+    left are dropped between blocks (the decoder's ``prune``, then :meth:`keep_groups`)."""
 
     def __init__(
         self,
         base: VisualVocab,
         groups: list[tuple[int, torch.Generator, TokensCallback | None]],
-        abandoned: Callable[[], bool] | None = None,
     ):
         super().__init__(base.offset, base.size, base.boi_id, base.bits)
         self.groups = groups
-        self.abandoned = abandoned
         self.blocks = 0
         self.so_far: list[torch.Tensor | None] = [None] * len(groups)
 
@@ -155,8 +153,6 @@ class RowSeededVisual(VisualVocab):
         self.so_far = [t for t, k in zip(self.so_far, keep, strict=True) if k]
 
     def sample(self, scores: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None):
-        if self.abandoned is not None and self.abandoned():
-            raise BatchAbandonedError(f"every request of the batch was cancelled (stopped at block {self.blocks})")
         total = sum(rows for rows, _, _ in self.groups)
         if scores.shape[0] != total:
             raise ValueError(f"scores have {scores.shape[0]} rows, the batch's requests {total}")
@@ -465,7 +461,7 @@ class NativeEngine:
         live = list(batch)
         if key.decoder == "block":
             groups = [(job.size, torch.Generator().manual_seed(job.seed), job.request.on_tokens) for job in batch]
-            visual = RowSeededVisual(gen.visual, groups, lambda: self._abandoned(live))
+            visual = RowSeededVisual(gen.visual, groups)
             options["prune"] = self._drop_abandoned(live, visual)
             generator = None
         else:  # one generator for the batch: a lone seeded job, or unseeded jobs (seeded with the first's seed)

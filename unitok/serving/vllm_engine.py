@@ -255,7 +255,8 @@ class VllmImageEngine:
             engine_args.setdefault("logprobs_mode", "processed_logprobs")  # raw ones would be over 2V columns
         for key, value in CPU_ENVIRONMENT.items():
             os.environ.setdefault(key, value)
-        os.environ.setdefault("VLLM_CACHE_ROOT", str(compile_cache_dir()))
+        if "VLLM_CACHE_ROOT" not in os.environ:
+            os.environ["VLLM_CACHE_ROOT"] = str(compile_cache_dir())
 
         from vllm.engine.arg_utils import AsyncEngineArgs
 
