@@ -158,3 +158,14 @@ def test_speculative_sampling_follows_the_target_distribution(tiny, method):
         close_loop(loop)
     assert samples.shape == (SAMPLES, CODES)
     assert chi_square_pvalue(samples, outcomes, probs, CODES) > 0.01
+
+
+def test_speculative_draft_refuses_bad_settings():
+    from unitok.serving.vllm_engine import SpeculativeDraft
+
+    draft = str(CHECKPOINTS / "gen-draft")
+    with pytest.raises(ValueError, match="sample_method"):
+        SpeculativeDraft(draft, sample_method="synthetic")
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        SpeculativeDraft(draft, num_speculative_tokens=0)
+    assert SpeculativeDraft(draft).speculative_config()["draft_sample_method"] == "greedy"
