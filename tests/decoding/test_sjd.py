@@ -119,3 +119,43 @@ def test_guidance_schedules_follow_the_reference_decoder(schedule):
     assert torch.equal(
         constant.tokens, decode_blocks(model, layout, prefix, visual, Guidance(3.0), NULL, GREEDY).tokens
     )
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_pruned_rows_leave_and_kept_rows_keep_their_greedy_tokens(guidance):
+    """``prune`` (a server's requests whose clients left) drops rows between passes: later passes carry only the
+    kept rows (and their null rows), which still get greedy AR's tokens; ``rows`` names them."""
+    codes = 16
+    model, visual = _model(codes), VisualVocab(offset=TEXT, size=codes, boi_id=4)
+    layout = NextTokenMode().layout(TokenGrid(1, 4, 5), P)
+    prefix = torch.tensor([[2, 7, 0], [2, 8, 9], [2, 6, 0], [2, 9, 9]])
+    ar = decode_blocks(model, layout, prefix, visual, guidance, NULL, GREEDY)
+    masks = {1: torch.tensor([True, False, True, True]), 3: torch.tensor([False, True, True])}
+    calls, rows_fed = [], []
+    forward = sjd_module.KVEngine.forward
+
+    def spy(self, inputs_embeds, *args, **kw):
+        rows_fed.append(inputs_embeds.shape[0])
+        return forward(self, inputs_embeds, *args, **kw)
+
+    def prune(step):
+        calls.append(step)
+        return masks.get(step)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sjd_module.KVEngine, "forward", spy)
+        out = decode_sjd(model, layout, prefix, visual, guidance, NULL, GREEDY, None, window=3, prune=prune)
+    pair = 2 if guidance != 1.0 else 1
+    assert calls == list(range(1, out.forward_passes))  # before every pass after the first
+    assert rows_fed[:4] == [4 * pair, 3 * pair, 3 * pair, 2 * pair] and set(rows_fed[4:]) <= {2 * pair}
+    assert out.rows.tolist() == [2, 3] and torch.equal(out.tokens, ar.tokens[[2, 3]])
+
+
+def test_sjd_prune_must_return_a_row_mask_that_keeps_a_row():
+    codes = 4
+    model, visual = _model(codes), VisualVocab(offset=TEXT, size=codes, boi_id=4)
+    layout = NextTokenMode().layout(TokenGrid(1, 2, 3), P)
+    prefix = torch.tensor([[2, 7, 0], [2, 8, 9]])
+    for bad in (torch.tensor([False, False]), torch.tensor([1, 0]), torch.tensor([True])):
+        with pytest.raises(ValueError, match="bool mask of 2 rows"):
+            decode_sjd(model, layout, prefix, visual, 1.0, NULL, GREEDY, None, window=2, prune=lambda s, b=bad: b)

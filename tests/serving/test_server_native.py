@@ -19,6 +19,8 @@ from unitok.serving.native import (
     RowSeededVisual,
 )
 
+from .conftest import CHECKPOINTS  # noqa: E402
+
 KEY = BatchKey("gen-next-block", Guidance(3.0), SamplingConfig())
 
 
@@ -200,6 +202,47 @@ def test_a_multi_image_request_leaves_a_running_batch_whole(gen):
         assert engine.stats.images == 3 and engine.stats.cancelled == 1  # bag, coat, bag: the pair was never finished
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("decoder", ["sjd", "draft"])
+def test_a_request_cancelled_in_a_speculative_batch_leaves_before_the_next_pass(pipeline, decoder, monkeypatch):
+    """Unseeded requests share a speculative-decoder batch; one cancelled mid-batch is answered at once and its rows
+    (and CFG rows) take no part in later passes; the other still gets a whole image."""
+    import unitok.decoding.engine as engine_module
+
+    gen = pipeline.generator("next-token")
+    options = {"draft_model": pipeline._draft_model(gen, CHECKPOINTS / "gen-draft")} if decoder == "draft" else {}
+    key = BatchKey("gen-next-token", Guidance(3.0), SamplingConfig(), decoder)
+    engine = NativeEngine(lambda model_id: gen, batch_window_s=0, decoder_resources=lambda model_id, name: options)
+    futures, widths = [], []
+    forward = engine_module.KVEngine.forward
+
+    def spy(self, inputs_embeds, *args, **kw):
+        widths.append(inputs_embeds.shape[0])
+        if widths.count(4) == 2 and not futures[0].done():  # the pair's second forward: the first request leaves
+            assert engine.cancel(futures[0])
+        return forward(self, inputs_embeds, *args, **kw)
+
+    try:
+        gate = Gate(gen)
+        engine.resolve = gate
+        blocker = engine.submit(NativeRequest(key, ["bag"], seed=9))  # seeded: runs alone
+        assert gate.entered.wait(30)
+        futures += [engine.submit(NativeRequest(key, [c])) for c in ("coat", "dress")]
+        monkeypatch.setattr(engine_module.KVEngine, "forward", spy)
+        gate.open()
+        assert blocker.result(60).batch_requests == 1
+        stayed = futures[1].result(60)
+        with pytest.raises(BatchAbandonedError, match="left its batch"):
+            futures[0].result(1)
+    finally:
+        engine.close()
+    assert stayed.tokens.shape == (1, 49) and stayed.batch_requests == 2
+    # the shared batch's forwards: 2 requests x (cond + null) rows until the pass the cancel fell in is over (sjd:
+    # one forward a pass; draft: 4 draft forwards and a target one), then 1 x 2
+    full = 2 if decoder == "sjd" else 5
+    after = widths[widths.index(4) :]
+    assert after[:full] == [4] * full and set(after[full:]) == {2} and engine.stats.cancelled == 1
 
 
 def test_a_failing_batch_fails_its_requests_and_the_worker_goes_on(gen):

@@ -25,7 +25,28 @@ from unitok.model.modes import Layout
 class DecodeResult:
     tokens: torch.Tensor  # (B, N) visual token ids (0-based, canonical order)
     forward_passes: int  # model calls for the whole batch (CFG rows ride in the same call)
-    rows: torch.Tensor | None = None  # with rows dropped (decode_blocks' ``prune``): the input rows of ``tokens``
+    rows: torch.Tensor | None = None  # with rows dropped (a decoder's ``prune``): the input rows of ``tokens``
+
+
+Prune = Callable[[int], "torch.Tensor | None"]  # before pass k >= 1: None, or a bool mask of the rows to go on with
+
+
+def pruned_rows(prune: Prune | None, step: int, batch: int, device: torch.device) -> torch.Tensor | None:
+    """The indices of the rows ``prune(step)`` keeps among the ``batch`` rows still decoded, or None when it keeps
+    them all (or there is no ``prune``). Every decoder that takes ``prune`` asks it here, before each pass after the
+    first; a mask that is not (batch,) bool keeping at least one row is a ValueError."""
+    keep = prune(step) if prune is not None else None
+    if keep is None:
+        return None
+    if not isinstance(keep, torch.Tensor) or keep.shape != (batch,) or keep.dtype != torch.bool or not keep.any():
+        raise ValueError(f"prune must return None or a bool mask of {batch} rows keeping one, got {keep!r}")
+    return None if bool(keep.all()) else keep.nonzero()[:, 0].to(device)
+
+
+def cache_rows(kept: torch.Tensor, batch: int, cfg: bool) -> torch.Tensor:
+    """Rows ``kept`` of a batch of ``batch`` as KV-cache rows: with guidance, their null-condition rows too (a
+    decoder's cache holds the B conditional rows, then the B unconditional ones)."""
+    return torch.cat([kept, kept + batch]) if cfg else kept
 
 
 def _check_prefix(prefix_ids: torch.Tensor, layout: Layout, name: str) -> None:
@@ -63,7 +84,7 @@ def decode_blocks(
     null_prefix_ids: torch.Tensor | None = None,
     sampling: SamplingConfig | None = None,
     generator: torch.Generator | None = None,
-    prune: Callable[[int], torch.Tensor | None] | None = None,
+    prune: Prune | None = None,
 ) -> DecodeResult:
     """Generate ``layout.num_visual`` tokens for each row of ``prefix_ids`` (B, prefix_len).
 
@@ -91,14 +112,9 @@ def decode_blocks(
     visual_embeds = torch.empty(rows, 0, start.shape[-1], dtype=start.dtype, device=device)
     alive = None  # input rows still decoded, once some were dropped
     for block in range(layout.num_blocks):
-        keep = prune(block) if prune is not None and block else None
-        if keep is not None and (
-            not isinstance(keep, torch.Tensor) or keep.shape != (batch,) or keep.dtype != torch.bool or not keep.any()
-        ):
-            raise ValueError(f"prune must return None or a bool mask of {batch} rows keeping one, got {keep!r}")
-        if keep is not None and not bool(keep.all()):
-            kept = keep.nonzero()[:, 0].to(device)
-            kept_rows = torch.cat([kept, kept + batch]) if cfg else kept  # with the null rows of the kept ones
+        kept = pruned_rows(prune, block, batch, device) if block else None
+        if kept is not None:
+            kept_rows = cache_rows(kept, batch, cfg)
             engine.select_rows(kept_rows)
             tokens, visual_embeds = tokens[kept], visual_embeds[kept_rows]
             alive = (alive if alive is not None else torch.arange(batch, device=device))[kept]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from unitok.decoding.block import DecodeResult, guided_prefix
+from unitok.decoding.block import DecodeResult, Prune, cache_rows, guided_prefix, pruned_rows
 from unitok.decoding.cfg import Guidance, as_guidance, guide
 from unitok.decoding.engine import KVEngine
 from unitok.decoding.sampling import SamplingConfig, draw
@@ -44,6 +44,11 @@ class _Stream:
         self.engine = KVEngine(model, rows=rows, capacity=capacity, positions=layout.positions)
         self.start = visual.start(model)
         self.started = False
+
+    def select(self, kept: torch.Tensor) -> None:
+        """Keep only batch rows ``kept`` (their null-condition rows too), after the first forward."""
+        self.engine.select_rows(cache_rows(kept, self.batch, self.pair > 1))
+        self.batch = kept.numel()
 
     def forward(self, pos: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         """Feed slots at visual positions ``pos`` (B, W) (``num_visual`` = scratch) whose inputs are tokens ``prev``
@@ -78,8 +83,11 @@ def decode_draft(
     generator: torch.Generator | None = None,
     draft_model=None,
     gamma: int = 4,
+    prune: Prune | None = None,
 ) -> DraftDecodeResult:
-    """Speculative decoding of a next-token ``model`` with ``draft_model`` (same vocabulary and layout)."""
+    """Speculative decoding of a next-token ``model`` with ``draft_model`` (same vocabulary and layout).
+    ``prune(k)``, asked before target pass ``k`` >= 1, may drop rows as in
+    :func:`~unitok.decoding.block.decode_blocks`."""
     sampling = sampling or SamplingConfig()
     if draft_model is None:
         raise ValueError("the draft decoder needs draft_model (a small unitok generator over the same tokenizer)")
@@ -112,7 +120,18 @@ def decode_draft(
     tokens = torch.zeros(batch, n_tokens + 1, dtype=torch.long, device=device)  # + a scratch column
     committed = torch.zeros(batch, dtype=torch.long, device=device)
     passes = draft_passes = 0
+    alive = None  # input rows still decoded, once some were dropped
     while bool((committed < n_tokens).any()):
+        kept = pruned_rows(prune, passes, batch, device) if passes else None
+        if kept is not None:  # rows nobody waits for leave both models' caches and every later pass
+            target.select(kept)
+            drafter.select(kept)
+            tokens, committed = tokens[kept], committed[kept]
+            alive = (alive if alive is not None else torch.arange(batch, device=device))[kept]
+            batch = kept.numel()
+            rows = torch.arange(batch, device=device)
+            if not bool((committed < n_tokens).any()):
+                break
         width = int(min(gamma, int((n_tokens - committed).max())))
         slot = torch.arange(width + 1, device=device)
         pos = (committed[:, None] + slot).clamp(max=n_tokens)  # (B, W + 1): drafts at [:W], bonus slot at W
@@ -146,4 +165,4 @@ def decode_draft(
         fresh_live = live[rows, at]
         tokens.scatter_(1, pos[rows, at][:, None], fresh[:, None])
         committed = committed + torch.where(fresh_live, run + 1, run)
-    return DraftDecodeResult(tokens=tokens[:, :n_tokens], forward_passes=passes, draft_passes=draft_passes)
+    return DraftDecodeResult(tokens=tokens[:, :n_tokens], forward_passes=passes, draft_passes=draft_passes, rows=alive)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from unitok.decoding.block import DecodeResult, guided_prefix
+from unitok.decoding.block import DecodeResult, Prune, cache_rows, guided_prefix, pruned_rows
 from unitok.decoding.cfg import Guidance, as_guidance
 from unitok.decoding.engine import KVEngine
 from unitok.decoding.sampling import SamplingConfig, draw
@@ -95,11 +95,13 @@ def decode_sjd(
     window: int = 8,
     acceptance: Acceptance | None = None,
     init: str = "spatial",
+    prune: Prune | None = None,
 ) -> DecodeResult:
     """Generate ``layout.num_visual`` tokens per row of ``prefix_ids`` with SJD; same arguments as
     :func:`unitok.decoding.block.decode_blocks` plus ``window`` (draft slots verified per forward), ``acceptance``
     (the verification rule; the lossy relatives in :mod:`unitok.decoding.relaxed` swap it) and ``init`` (how fresh
-    drafts are initialised, see the module docstring)."""
+    drafts are initialised, see the module docstring). ``prune(k)``, asked before pass ``k`` >= 1, may drop rows as
+    in :func:`~unitok.decoding.block.decode_blocks` (``rows`` of the result: the survivors' input rows)."""
     sampling = sampling or SamplingConfig()
     guidance = as_guidance(guidance_scale)
     acceptance = acceptance or Acceptance()
@@ -130,7 +132,17 @@ def decode_sjd(
     # With one image, rows differ only by condition: per-row indices broadcast over the cond/uncond pair.
     per_row = (lambda t: t) if batch == 1 else (lambda t: t.repeat(pair, *([1] * (t.dim() - 1))))
     done = [0] * batch  # ``committed`` on the host: loop bounds without a tensor op each
+    alive = None  # input rows still decoded, once some were dropped
     while min(done) < n_tokens:
+        kept = pruned_rows(prune, passes, batch, device) if passes else None
+        if kept is not None:  # rows nobody waits for leave the cache and every later pass
+            engine.select_rows(cache_rows(kept, batch, cfg))
+            drafts, q, committed = drafts[kept], q[kept], committed[kept]
+            alive = (alive if alive is not None else torch.arange(batch, device=device))[kept]
+            batch, done = kept.numel(), committed.tolist()
+            rows = torch.arange(batch, device=device)
+            if min(done) >= n_tokens:
+                break
         width = min(window, n_tokens - min(done))
         last = min(max(done) + width - 1, n_tokens)  # the furthest slot any row feeds (n = scratch)
         slot = torch.arange(width, device=device)
@@ -194,4 +206,4 @@ def decode_sjd(
         q[rows[:, None], pos] = p  # committed slots' q is never read again
         committed += run + rejected.long()  # >= 1 for every unfinished row
         done = committed.tolist()
-    return DecodeResult(tokens=drafts[:, :n_tokens], forward_passes=passes)
+    return DecodeResult(tokens=drafts[:, :n_tokens], forward_passes=passes, rows=alive)

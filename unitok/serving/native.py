@@ -22,8 +22,10 @@ Limits and cancellation: at most ``max_queue`` requests are admitted (waiting or
 cancelled: its client went away) while it waits leaves the queue at once and frees its slot. One cancelled while its
 block-decoder batch runs leaves the batch before the next block: its rows are dropped from the KV cache and from every
 later forward, its slot frees up, and the others go on with the tokens they would have had anyway (each draws from
-its own generator); when every request is cancelled the batch stops. The speculative decoders have no per-block hook:
-a request cancelled in their batch is not answered, and the batch finishes.
+its own generator); when every request is cancelled the batch stops. The speculative decoders (sjd, grouped,
+relaxed, draft) drop a cancelled request's rows the same way before their next pass (the others then draw from the
+shared stream of a smaller batch: they were unseeded anyway); ``hf`` (transformers' ``generate``) has no such hook,
+so a request cancelled in its batch is not answered and the batch finishes.
 """
 
 from __future__ import annotations
@@ -419,10 +421,11 @@ class NativeEngine:
         with torch.inference_mode():
             return self.resolve(key.model).codec.decode(tokens)
 
-    def _drop_abandoned(self, live: list[_Job], visual: RowSeededVisual) -> Callable[[int], torch.Tensor | None]:
-        """The block decoder's ``prune``: before each block, the rows of requests cancelled since the last one leave
+    def _drop_abandoned(self, live: list[_Job], visual: RowSeededVisual | None) -> Callable[[int], torch.Tensor | None]:
+        """A decoder's ``prune``: before each block or pass, the rows of requests cancelled since the last one leave
         the batch (their callers hear :class:`BatchAbandonedError` and their queue slots free up at once); ``live``
-        and ``visual``'s groups follow. With every request cancelled the batch stops instead."""
+        and ``visual``'s groups (the block decoder's per-request generators) follow. With every request cancelled
+        the batch stops instead."""
 
         def prune(block: int) -> torch.Tensor | None:
             keep = [not job.abandoned for job in live]  # one reading: callers may cancel meanwhile
@@ -433,7 +436,8 @@ class NativeEngine:
             rows = torch.tensor([k for job, k in zip(live, keep, strict=True) for _ in range(job.size)])
             dropped = [job for job, k in zip(live, keep, strict=True) if not k]
             live[:] = [job for job, k in zip(live, keep, strict=True) if k]
-            visual.keep_groups(keep)
+            if visual is not None:
+                visual.keep_groups(keep)
             with self._cond:
                 self._running = [job for job in self._running if all(job is not d for d in dropped)]
             self.stats.cancelled += len(dropped)
@@ -448,7 +452,7 @@ class NativeEngine:
     def _decode(self, key: BatchKey, batch: list[_Job]) -> tuple[torch.Tensor, list[_Job]]:
         """(sum of n, N) tokens of the jobs of ``batch`` still wanted at the end (the block decoder drops cancelled
         ones as it goes), in job order, and those jobs."""
-        from unitok.decoding import NEEDS_CODES, get_decoder
+        from unitok.decoding import NEEDS_CODES, PRUNABLE, get_decoder
 
         gen = self.resolve(key.model)
         conditions = [c for job in batch for c in job.request.conditions]
@@ -462,11 +466,12 @@ class NativeEngine:
         if key.decoder == "block":
             groups = [(job.size, torch.Generator().manual_seed(job.seed), job.request.on_tokens) for job in batch]
             visual = RowSeededVisual(gen.visual, groups)
-            options["prune"] = self._drop_abandoned(live, visual)
             generator = None
         else:  # one generator for the batch: a lone seeded job, or unseeded jobs (seeded with the first's seed)
             visual = gen.visual
             generator = torch.Generator().manual_seed(batch[0].seed)
+        if key.decoder in PRUNABLE:
+            options["prune"] = self._drop_abandoned(live, visual if key.decoder == "block" else None)
         with torch.inference_mode():
             result = get_decoder(key.decoder)(
                 gen.model,
