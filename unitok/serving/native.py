@@ -450,8 +450,8 @@ class NativeEngine:
         return prune
 
     def _decode(self, key: BatchKey, batch: list[_Job]) -> tuple[torch.Tensor, list[_Job]]:
-        """(sum of n, N) tokens of the jobs of ``batch`` still wanted at the end (the block decoder drops cancelled
-        ones as it goes), in job order, and those jobs."""
+        """(sum of n, N) tokens of the jobs of ``batch`` still wanted at the end (decoders that take ``prune`` drop
+        cancelled ones as they go), in job order, and those jobs."""
         from unitok.decoding import NEEDS_CODES, PRUNABLE, get_decoder
 
         gen = self.resolve(key.model)
