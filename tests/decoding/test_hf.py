@@ -62,3 +62,33 @@ def test_bad_input(model):
         VisualLogitsProcessor(model, layout, VISUAL, guidance=2.0)
     with pytest.raises(ValueError, match="next-token"):
         decode_hf(model, NextBlockMode().layout(TokenGrid(1, 2, 2), P), torch.tensor([[2, 7, 0]]), VISUAL)
+
+
+def test_pruned_rows_are_not_returned_and_generate_stops_when_none_is_left(model):
+    """``prune`` through a stopping criterion: after token k it is asked prune(k); dropped rows leave the result
+    (the kept ones equal the full run), and a prune that ends the batch (the native engine's, when every request
+    left) stops ``generate`` there."""
+    layout = NextTokenMode().layout(TokenGrid(1, 4, 5), P)
+    prefix = torch.tensor([[2, 7, 0], [2, 8, 9], [2, 6, 0]])
+    full = decode_hf(model, layout, prefix, VISUAL, 3.0, NULL, GREEDY)
+    calls = []
+
+    def prune(step):
+        calls.append(step)
+        return {2: torch.tensor([True, False, True]), 5: torch.tensor([False, True])}.get(step)
+
+    out = decode_hf(model, layout, prefix, VISUAL, 3.0, NULL, GREEDY, prune=prune)
+    assert calls == list(range(1, layout.num_visual))
+    assert out.rows.tolist() == [2] and torch.equal(out.tokens, full.tokens[[2]])
+
+    class Left(Exception):
+        pass
+
+    def everyone_left(step):
+        if step == 3:
+            raise Left(step)
+
+    with pytest.raises(Left):
+        decode_hf(model, layout, prefix, VISUAL, 3.0, NULL, GREEDY, prune=everyone_left)
+    with pytest.raises(ValueError, match="bool mask of 3 rows"):
+        decode_hf(model, layout, prefix, VISUAL, 3.0, NULL, GREEDY, prune=lambda step: torch.tensor([1, 0, 1]))

@@ -245,6 +245,42 @@ def test_a_request_cancelled_in_a_speculative_batch_leaves_before_the_next_pass(
     assert after[:full] == [4] * full and set(after[full:]) == {2} and engine.stats.cancelled == 1
 
 
+def test_a_request_cancelled_in_an_hf_batch_is_answered_before_the_batch_ends(pipeline, monkeypatch):
+    """``generate`` cannot shrink its batch, but a request cancelled in an ``hf`` batch is answered (and its slot
+    freed) at the next token, while the other goes on to a whole image."""
+    import unitok.decoding.engine as engine_module
+
+    gen = pipeline.generator("next-token")
+    key = BatchKey("gen-next-token", Guidance(3.0), SamplingConfig(), "hf")
+    engine = NativeEngine(lambda model_id: gen, batch_window_s=0)
+    futures, seen = [], []
+    forward = engine_module.KVEngine.forward  # the unconditional rows' forwards (VisualLogitsProcessor), one a step
+
+    def spy(self, inputs_embeds, *args, **kw):
+        if inputs_embeds.shape[0] == 2:  # the shared batch (the blocker runs alone: 1 row)
+            seen.append((futures[0].done(), engine.pending))
+            if len(seen) == 3:
+                assert engine.cancel(futures[0])
+        return forward(self, inputs_embeds, *args, **kw)
+
+    try:
+        gate = Gate(gen)
+        engine.resolve = gate
+        blocker = engine.submit(NativeRequest(key, ["bag"], seed=9))
+        assert gate.entered.wait(30)
+        futures += [engine.submit(NativeRequest(key, [c])) for c in ("coat", "dress")]
+        monkeypatch.setattr(engine_module.KVEngine, "forward", spy)
+        gate.open()
+        blocker.result(60)
+        stayed = futures[1].result(60)
+        with pytest.raises(BatchAbandonedError, match="left its batch at block 3"):
+            futures[0].result(1)
+    finally:
+        engine.close()
+    assert stayed.tokens.shape == (1, 49) and stayed.batch_requests == 2 and engine.stats.cancelled == 1
+    assert seen[2] == (False, 2) and seen[4] == (True, 1) and len(seen) == 49  # answered two steps later, mid-batch
+
+
 def test_a_failing_batch_fails_its_requests_and_the_worker_goes_on(gen):
     calls = []
 

@@ -18,7 +18,7 @@ DECODER_MODULES: dict[str, str] = {
     "hf": "unitok.decoding.hf:decode_hf",  # transformers' model.generate + unitok's logits processors (next-token)
 }
 NEEDS_CODES = {"grouped", "relaxed"}  # decoders that read the tokenizer's code vectors
-PRUNABLE = {"block", "sjd", "grouped", "relaxed", "draft"}  # decoders that take ``prune`` (rows dropped mid-decode)
+PRUNABLE = {"block", "sjd", "grouped", "relaxed", "draft", "hf"}  # decoders that take ``prune`` (cancelled rows)
 
 
 def get_decoder(name: str) -> Callable:

@@ -17,9 +17,9 @@ processors.
 from __future__ import annotations
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from unitok.decoding.block import DecodeResult, guided_prefix
+from unitok.decoding.block import DecodeResult, Prune, guided_prefix, pruned_rows
 from unitok.decoding.cfg import Guidance, as_guidance
 from unitok.decoding.engine import KVEngine
 from unitok.decoding.sampling import SamplingConfig
@@ -80,6 +80,28 @@ class VisualLogitsProcessor(LogitsProcessor):
         return out
 
 
+class PruneCriteria(StoppingCriteria):
+    """A decoder's ``prune`` as a stopping criterion: after token ``k`` of ``num_visual`` it asks ``prune(k)`` (as
+    the native decoders do before pass ``k``) and marks the rows it drops finished. ``generate`` owns its loop and
+    keeps a finished row in its batch (fed padding), so dropping saves no arithmetic until every row is dropped;
+    then ``generate`` stops. ``alive`` holds the surviving input rows."""
+
+    def __init__(self, prune: Prune, batch: int, num_visual: int, device: torch.device):
+        self.prune, self.num_visual = prune, num_visual
+        self.alive = torch.arange(batch, device=device)
+        self.steps = 0
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        self.steps += 1
+        if self.steps < self.num_visual:
+            kept = pruned_rows(self.prune, self.steps, self.alive.numel(), self.alive.device)
+            if kept is not None:
+                self.alive = self.alive[kept]
+        done = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        done[self.alive] = False
+        return done
+
+
 @torch.no_grad()
 def decode_hf(
     model,
@@ -90,10 +112,14 @@ def decode_hf(
     null_prefix_ids: torch.Tensor | None = None,
     sampling: SamplingConfig | None = None,
     generator: torch.Generator | None = None,
+    prune: Prune | None = None,
 ) -> DecodeResult:
     """Generate ``layout.num_visual`` tokens per row with ``model.generate`` (next-token models). ``generate``
     samples from the global RNG: a ``generator`` seeds it inside ``torch.random.fork_rng``, so the caller's global
-    RNG state is left alone and a seeded generator gives reproducible images."""
+    RNG state is left alone and a seeded generator gives reproducible images. ``prune(k)``, asked after token ``k``
+    (before the pass that samples token ``k``), may drop rows as in :func:`~unitok.decoding.block.decode_blocks`:
+    they are not returned (``rows`` names the survivors), though ``generate`` computes them until every row left
+    (:class:`PruneCriteria`)."""
     sampling = sampling or SamplingConfig()
     if layout.mode.name != "next-token":
         raise ValueError(f"model.generate decodes next-token models, not {layout.mode.name} (use the block decoder)")
@@ -108,6 +134,7 @@ def decode_hf(
     if not sampling.greedy:
         options = {"do_sample": True, "temperature": float(sampling.temperature), "top_p": float(sampling.top_p)}
         options["top_k"] = int(sampling.top_k) or None
+    criteria = PruneCriteria(prune, batch, layout.num_visual, device) if prune is not None else None
     seed = int(torch.randint(2**62, (1,), generator=generator)) if generator is not None else None
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
@@ -118,6 +145,7 @@ def decode_hf(
             max_new_tokens=layout.num_visual,
             min_new_tokens=layout.num_visual,
             logits_processor=LogitsProcessorList([processor]),
+            stopping_criteria=StoppingCriteriaList([criteria] if criteria is not None else []),
             visual_positions=layout.positions,
             pad_token_id=model.config.pad_token_id,
             eos_token_id=None,
@@ -125,4 +153,6 @@ def decode_hf(
             **options,
         )
     tokens = out[:, inputs.shape[1] :] - visual.offset
+    if criteria is not None and criteria.alive.numel() < batch:
+        return DecodeResult(tokens=tokens[criteria.alive], forward_passes=layout.num_visual, rows=criteria.alive)
     return DecodeResult(tokens=tokens, forward_passes=layout.num_visual)

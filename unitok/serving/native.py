@@ -24,8 +24,10 @@ block-decoder batch runs leaves the batch before the next block: its rows are dr
 later forward, its slot frees up, and the others go on with the tokens they would have had anyway (each draws from
 its own generator); when every request is cancelled the batch stops. The speculative decoders (sjd, grouped,
 relaxed, draft) drop a cancelled request's rows the same way before their next pass (the others then draw from the
-shared stream of a smaller batch: they were unseeded anyway); ``hf`` (transformers' ``generate``) has no such hook,
-so a request cancelled in its batch is not answered and the batch finishes.
+shared stream of a smaller batch: they were unseeded anyway). ``hf`` (transformers' ``generate``, which cannot
+shrink its batch) hears it after the next token through a stopping criterion: the request is answered and its slot
+freed at once, its rows are computed on (and dropped from the result) until every request has left, which stops
+``generate``.
 """
 
 from __future__ import annotations
