@@ -11,3 +11,20 @@ def fashion_test():
     from unitok.data import load_fashion_mnist
 
     return load_fashion_mnist("test")
+
+
+@pytest.fixture
+def forward_rows(monkeypatch):
+    """The rows of every ``KVEngine`` forward from now on in this test (requests x CFG streams): what a decoder
+    still computes. Clear it to start counting afresh."""
+    from unitok.decoding.engine import KVEngine
+
+    rows: list[int] = []
+    forward = KVEngine.forward
+
+    def spy(self, inputs_embeds, *args, **kwargs):
+        rows.append(inputs_embeds.shape[0])
+        return forward(self, inputs_embeds, *args, **kwargs)
+
+    monkeypatch.setattr(KVEngine, "forward", spy)
+    return rows

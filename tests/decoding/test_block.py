@@ -6,7 +6,6 @@ import torch
 
 from unitok.decoding.block import VisualVocab, decode_blocks
 from unitok.decoding.cfg import guide
-from unitok.decoding.engine import KVEngine
 from unitok.decoding.sampling import SamplingConfig, sample
 from unitok.model import UnitokConfig, UnitokForCausalLM
 from unitok.model.modes import NextBlockMode, NextScaleMode, NextTokenMode, TokenGrid
@@ -99,17 +98,9 @@ def test_seeded_sampling_equals_the_naive_loop_with_the_same_seed(model, layout)
     assert len(result.tokens.unique()) > 3
 
 
-def test_one_forward_per_block(model, layout, monkeypatch):
-    calls = []
-    forward = KVEngine.forward
-
-    def counted(self, *args, **kwargs):
-        calls.append(1)
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(KVEngine, "forward", counted)
+def test_one_forward_per_block(model, layout, forward_rows):
     result = decode_blocks(model, layout, _prefix(2), VISUAL, guidance_scale=2.0, null_prefix_ids=NULL)
-    assert len(calls) == result.forward_passes == layout.num_blocks
+    assert len(forward_rows) == result.forward_passes == layout.num_blocks
 
 
 def test_tokens_lie_in_the_visual_range(model, layout):
@@ -190,7 +181,7 @@ def test_prefixes_of_the_wrong_shape_raise(model):
         decode_blocks(model, layout, _prefix(2), VISUAL, guidance_scale=2.0, null_prefix_ids=NULL[:, :2])
 
 
-def test_pruned_rows_stop_and_kept_rows_are_unchanged(model, layout):
+def test_pruned_rows_stop_and_kept_rows_are_unchanged(model, layout, forward_rows):
     """``prune`` drops rows mid-decode (a server's requests whose clients left): the dropped rows take no part in
     later passes, the kept rows get the tokens of the full batch, ``rows`` names them."""
     prefix = _prefix(4, seed=5)
@@ -200,22 +191,16 @@ def test_pruned_rows_stop_and_kept_rows_are_unchanged(model, layout):
     if layout.num_blocks < 3:
         pytest.skip("needs 3 blocks")
     masks = {1: torch.tensor([True, False, True, True]), 2: torch.tensor([False, True, True])}
-    calls, widths = [], []
-    forward = KVEngine.forward
-
-    def spy(self, inputs_embeds, *args, **kw):
-        widths.append(inputs_embeds.shape[0])
-        return forward(self, inputs_embeds, *args, **kw)
+    calls = []
 
     def prune(block):
         calls.append(block)
         return masks.get(block)
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(KVEngine, "forward", spy)
-        pruned = decode_blocks(model, layout, prefix, VISUAL, prune=prune, **kwargs)
+    forward_rows.clear()
+    pruned = decode_blocks(model, layout, prefix, VISUAL, prune=prune, **kwargs)
     assert calls == list(range(1, layout.num_blocks))  # before every block after the first
-    assert widths[:3] == [8, 6, 4] and set(widths[3:]) <= {4}  # cond + null rows of the live requests
+    assert forward_rows[:3] == [8, 6, 4] and set(forward_rows[3:]) <= {4}  # cond + null rows of the live requests
     assert pruned.rows.tolist() == [2, 3]
     assert torch.equal(pruned.tokens, full.tokens[[2, 3]])
 

@@ -90,27 +90,19 @@ def test_draft_bad_input():
 
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
-def test_pruned_rows_leave_both_models_and_kept_rows_keep_their_greedy_tokens(guidance):
+def test_pruned_rows_leave_both_models_and_kept_rows_keep_their_greedy_tokens(guidance, forward_rows):
     codes = 16
     target, drafter = _model(codes, seed=0), _model(codes, seed=1)
     visual = VisualVocab(offset=TEXT, size=codes, boi_id=4)
     layout = NextTokenMode().layout(TokenGrid(1, 4, 5), P)
     prefix = torch.tensor([[2, 7, 0], [2, 8, 9], [2, 6, 0]])
     ar = decode_blocks(target, layout, prefix, visual, guidance, NULL, GREEDY)
-    rows_fed = []
-    forward = draft_module.KVEngine.forward
-
-    def spy(self, inputs_embeds, *args, **kw):
-        rows_fed.append(inputs_embeds.shape[0])
-        return forward(self, inputs_embeds, *args, **kw)
-
     prune = {2: torch.tensor([False, True, True])}.get  # before the third target pass
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(draft_module.KVEngine, "forward", spy)
-        out = decode_draft(
-            target, layout, prefix, visual, guidance, NULL, GREEDY, None, draft_model=drafter, gamma=3, prune=prune
-        )
+    forward_rows.clear()
+    out = decode_draft(
+        target, layout, prefix, visual, guidance, NULL, GREEDY, None, draft_model=drafter, gamma=3, prune=prune
+    )
     pair = 2 if guidance != 1.0 else 1
-    per_iteration = 3 + 1  # gamma draft forwards, then one target forward
-    assert set(rows_fed[: 2 * per_iteration]) == {3 * pair} and set(rows_fed[2 * per_iteration :]) == {2 * pair}
+    first = 2 * (3 + 1)  # two iterations of gamma draft forwards and one target forward
+    assert set(forward_rows[:first]) == {3 * pair} and set(forward_rows[first:]) == {2 * pair}
     assert out.rows.tolist() == [1, 2] and torch.equal(out.tokens, ar.tokens[[1, 2]])
