@@ -187,11 +187,29 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         print(f"wrote {path} (one row per prompt: {', '.join(map(str, prompts))})")
 
 
+def _serve_vllm_options(args: argparse.Namespace) -> dict:
+    """``VllmImageEngine.start`` options from ``unitok serve``'s flags; a bad combination is a ValueError here, before
+    anything starts."""
+    options = {"enforce_eager": args.enforce_eager, "per_request_guidance": args.per_request_guidance}
+    options["nice"] = args.vllm_nice
+    if args.vllm_draft is None:
+        return options
+    if args.backend == "native":
+        raise ValueError("--vllm-draft speculates inside vLLM; it needs --backend vllm or auto")
+    if args.per_request_guidance:
+        raise ValueError("--vllm-draft does not combine with --per-request-guidance (the draft guides with one scale)")
+    from unitok.serving.vllm_engine import SpeculativeDraft
+
+    options["draft"] = SpeculativeDraft(args.vllm_draft, args.vllm_draft_tokens)
+    return options
+
+
 def _cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from unitok.serving.server import create_app
 
+    vllm_options = _serve_vllm_options(args)
     app = create_app(
         args.path,
         backend=args.backend,
@@ -199,11 +217,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         max_queue=args.max_queue,
         max_batch_images=args.max_batch,
         draft_model=args.draft_model,
-        vllm_options={
-            "enforce_eager": args.enforce_eager,
-            "per_request_guidance": args.per_request_guidance,
-            "nice": args.vllm_nice,
-        },
+        vllm_options=vllm_options,
         api_key=args.api_key,
     )
     # keep-alive past the clients' own 5 s expiry, so a reused idle connection never races the server closing it
@@ -308,6 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=5,
         help="raise vLLM's engine core niceness by this much (0..19, default 5), so HTTP handling and pixel "
         "decoding preempt its steps (more images/s under concurrent clients on few cores); 0 keeps it equal",
+    )
+    serve.add_argument(
+        "--vllm-draft",
+        metavar="FOLDER",
+        help="speculative decoding inside vLLM with this unitok draft generator (e.g. PATH/gen-draft): exact for "
+        "greedy and sampled requests, seeds reproducible; for GPUs (on 2 CPU cores it is ~3x slower)",
+    )
+    serve.add_argument(
+        "--vllm-draft-tokens", type=int, default=4, help="--vllm-draft: tokens drafted per step (1..16, default 4)"
     )
     serve.add_argument(
         "--api-key",

@@ -39,6 +39,7 @@ def test_images_through_vllm(vllm_server):
     assert health["vllm"]["gen-next-token"] == {
         "guidance_scale": 3.0,
         "per_request_guidance": False,
+        "speculative_tokens": 0,
         "alive": True,
         "restarting": False,
         "restarts": 0,
@@ -195,7 +196,36 @@ def test_a_dead_vllm_engine_fails_over_to_native_and_restarts(vllm_server):
     assert after["vllm"]["gen-next-token"] == {
         "guidance_scale": 3.0,
         "per_request_guidance": False,
+        "speculative_tokens": 0,
         "alive": True,
         "restarting": False,
         "restarts": 1,
     }
+
+
+def test_serve_speculates_inside_vllm_with_a_draft(capsys):
+    """``unitok serve --vllm-draft``: vLLM's engine proposes with the draft model; seeded images reproduce (argmax
+    drafts), /health says how many tokens it drafts; bad combinations are refused before anything starts."""
+    import httpx
+    import openai
+
+    from unitok.cli import main
+
+    draft = str(CHECKPOINTS / "gen-draft")
+    for args, message in (
+        (["--backend", "native", "--vllm-draft", draft], "needs --backend vllm"),
+        (["--per-request-guidance", "--vllm-draft", draft], "does not combine"),
+        (["--vllm-draft", str(CHECKPOINTS / "nowhere")], "no draft model"),
+        (["--vllm-draft", draft, "--vllm-draft-tokens", "0"], "num_speculative_tokens"),
+    ):
+        assert main(["serve", str(CHECKPOINTS / "gen-next-token"), *args]) == 2
+        assert message in capsys.readouterr().err
+    extra = ["--enforce-eager", "--vllm-draft", draft, "--vllm-draft-tokens", "2"]
+    with ServerProcess(CHECKPOINTS / "gen-next-token", "vllm", max_n=4, max_queue=8, extra_args=extra) as server:
+        health = httpx.get(f"{server.url}/health").json()
+        assert health["vllm"]["gen-next-token"]["speculative_tokens"] == 2
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=300)
+        first = client.images.generate(model="gen-next-token", prompt="bag", n=2, extra_body={"seed": 11})
+        again = client.images.generate(model="gen-next-token", prompt="bag", n=2, extra_body={"seed": 11})
+        assert [d.b64_json for d in first.data] == [d.b64_json for d in again.data]
+        assert httpx.get(f"{server.url}/health").json()["counters"]["vllm_requests"] == 2
