@@ -612,7 +612,7 @@ class UnitokServer:
                 mid: {
                     "guidance_scale": e.guidance_scale,
                     "per_request_guidance": e.per_request_guidance,
-                    "speculative_tokens": getattr(e.speculative, "num_speculative_tokens", 0),
+                    "speculative_tokens": e.draft.num_speculative_tokens if e.draft is not None else 0,
                     "alive": e.alive,
                     "restarting": mid in self._restarting,
                     "restarts": self.vllm_restarts.get(mid, 0),

@@ -202,11 +202,11 @@ def close_loop(loop: asyncio.AbstractEventLoop) -> None:
 class VllmImageEngine:
     """An ``AsyncLLM`` serving one unitok next-token generator; see the module docstring."""
 
-    def __init__(self, llm, spec: ImageSpec, path: str, speculative: bool | SpeculativeDraft = False, cpu: bool = True):
+    def __init__(self, llm, spec: ImageSpec, path: str, draft: SpeculativeDraft | None = None, cpu: bool = True):
         self.llm = llm
         self.spec = spec
         self.path = path
-        self.speculative = speculative  # the SpeculativeDraft (or True) when vLLM speculates with a draft model
+        self.draft = draft  # when vLLM speculates with a draft model
         self.cpu = cpu  # vLLM's CPU platform
 
     @property
@@ -311,7 +311,7 @@ class VllmImageEngine:
                 logger.warning("nice=%d not applied: this vLLM does not expose its engine core processes", nice)
             for pid in pids:
                 lower_priority(pid, nice)
-        return cls(llm, spec, path, speculative=draft or False, cpu=cpu)
+        return cls(llm, spec, path, draft=draft, cpu=cpu)
 
     @property
     def guidance_scale(self) -> float:
