@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--vllm-draft",
         metavar="FOLDER",
         help="speculative decoding inside vLLM with this unitok draft generator (e.g. PATH/gen-draft): exact for "
-        "greedy and sampled requests, seeds reproducible; for GPUs (on 2 CPU cores it is ~3x slower)",
+        "greedy and sampled requests, seeds reproducible; for GPUs (on 2 CPU cores it is 2-3.5x slower)",
     )
     serve.add_argument(
         "--vllm-draft-tokens", type=int, default=4, help="--vllm-draft: tokens drafted per step (1..16, default 4)"

@@ -418,7 +418,8 @@ def test_cli_serve(capsys, tmp_path):
     args = build_parser().parse_args(["serve", "checkpoints", "--port", "8123", "--max-n", "4", "--backend", "native"])
     assert args.func is _cmd_serve and args.port == 8123 and args.max_n == 4 and args.host == "127.0.0.1"
     bench = build_parser().parse_args(["bench", "serving", "--n", "8", "--clients", "4"])
-    assert (bench.suite, bench.n, bench.clients, bench.rounds) == ("serving", 8, 4, 3)
+    assert (bench.suite, bench.n, bench.clients, bench.rounds, bench.speculative) == ("serving", 8, 4, 3, False)
+    assert build_parser().parse_args(["bench", "serving", "--speculative"]).speculative
     assert main(["serve", str(tmp_path / "missing")]) == 2
     assert main(["serve", "checkpoints", "--max-n", "0", "--backend", "native"]) == 2
     assert main(["serve", "checkpoints", "--api-key", "", "--backend", "native"]) == 2

@@ -79,6 +79,11 @@ SUITES: dict[str, Suite] = {
             "--n": {"type": int, "default": 64, "help": "images per measured run (default 64)"},
             "--clients": {"type": int, "default": 16, "help": "concurrent clients = HF batch size (default 16)"},
             "--rounds": {"type": int, "default": 3, "help": "alternating HF / vLLM rounds; medians (default 3)"},
+            "--speculative": {
+                "action": "store_true",
+                "help": "also vLLM's engine alone speculating with gen-draft (4 drafts; argmax and probabilistic), "
+                "at --clients and at 1 client, against no draft (~4 minutes more)",
+            },
             "--seed": {"type": int, "default": 0},
             "--checkpoints": {"default": None, "help": "folder holding gen-next-token and gen-next-block"},
         },

@@ -15,7 +15,9 @@ The LlamaGen comparison, on the bundled next-token generator at its recommended 
 - ``vllm_engine_images_per_s``: the same prompts and seeds straight into vLLM's engine from ``--clients``
   concurrent coroutines (no HTTP, no pixels, no PNG), and ``vllm_engine_ratio`` against HF: how much of vLLM's
   speed the server passes on; ``vllm_engine_per_request_guidance_images_per_s``: the same with an engine started
-  with ``per_request_guidance=True`` (what serving every guidance scale through vLLM costs).
+  with ``per_request_guidance=True`` (what serving every guidance scale through vLLM costs);
+- with ``--speculative``, ``vllm_speculative``: the engine alone speculating with ``gen-draft`` (4 drafts a step,
+  argmax and probabilistic drafts) and without a draft, each at ``--clients`` concurrent requests and at 1.
 
 HF and vLLM are measured in ``--rounds`` alternating rounds (default 3) while the vLLM server is up, and the median
 round of each is reported (every round is in ``rounds_images_per_s``): on a 2-core machine any other process moves
@@ -286,21 +288,24 @@ def _engine_alone(
     sampling: SamplingConfig,
     rounds: int,
     per_request_guidance: bool = False,
+    draft=None,
+    one_client: bool = False,
 ) -> dict:
     """The same prompts and seeds straight into a :class:`VllmImageEngine` (torch.compile, like the server) from
     ``clients`` concurrent coroutines, no HTTP, no pixels: what the server's vLLM backend could reach. Median of
     ``rounds``. The engine core's niceness is the server's. ``per_request_guidance``: the engine that serves every
-    scale (the requests still use the default)."""
+    scale (the requests still use the default). ``draft``: a :class:`SpeculativeDraft` vLLM speculates with;
+    ``one_client``: also ``one_client_images_per_s``, the first ``clients`` jobs one at a time (latency-bound)."""
     from unitok.serving.server import VLLM_ENGINE_NICE
     from unitok.serving.vllm_engine import VllmImageEngine, close_loop
 
     prefixes = {name: gen.vocab.prefix_ids([name])[0].tolist() for name, _ in jobs}
     engine = VllmImageEngine.start(
-        path, enforce_eager=False, per_request_guidance=per_request_guidance, nice=VLLM_ENGINE_NICE
+        path, enforce_eager=False, per_request_guidance=per_request_guidance, nice=VLLM_ENGINE_NICE, draft=draft
     )
     loop = asyncio.new_event_loop()
 
-    async def load(items: list[tuple[str, int]]) -> float:
+    async def load(items: list[tuple[str, int]], workers: int) -> float:
         cursor = iter(items)
 
         async def worker():
@@ -308,16 +313,33 @@ def _engine_alone(
                 await engine.sample(prefixes[name], 1, seed, sampling)
 
         start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
+        await asyncio.gather(*(worker() for _ in range(workers)))
         return len(items) / (time.perf_counter() - start)
 
     try:
-        loop.run_until_complete(load(jobs[:clients]))  # warm-up
-        measured = [loop.run_until_complete(load(jobs)) for _ in range(rounds)]
+        loop.run_until_complete(load(jobs[:clients], clients))  # warm-up
+        measured = [loop.run_until_complete(load(jobs, clients)) for _ in range(rounds)]
+        alone = [loop.run_until_complete(load(jobs[:clients], 1)) for _ in range(rounds)] if one_client else None
     finally:
         engine.shutdown()
         close_loop(loop)
-    return {"images_per_s": sorted(measured)[rounds // 2], "rounds_images_per_s": measured, "clients": clients}
+    result = {"images_per_s": sorted(measured)[rounds // 2], "rounds_images_per_s": measured, "clients": clients}
+    if alone is not None:
+        result["one_client_images_per_s"] = sorted(alone)[rounds // 2]
+    return result
+
+
+def _speculative(path: Path, draft_path: Path, gen, jobs, clients: int, sampling: SamplingConfig, rounds: int) -> dict:
+    """The engine alone with no draft, argmax drafts and probabilistic drafts (4 a step), at ``clients`` and 1."""
+    from unitok.serving.vllm_engine import SpeculativeDraft
+
+    out = {}
+    for name, method in (("no_draft", None), ("argmax_drafts", "greedy"), ("probabilistic_drafts", "probabilistic")):
+        draft = SpeculativeDraft(str(draft_path), 4, method) if method else None
+        print(f"vLLM engine alone, {name.replace('_', ' ')}")
+        run = _engine_alone(path, gen, jobs, clients, sampling, rounds, draft=draft, one_client=True)
+        out[name] = {"images_per_s": run["images_per_s"], "one_client_images_per_s": run["one_client_images_per_s"]}
+    return out
 
 
 def _solo_divergences(url: str, model: str, jobs: list[tuple[str, int]], concurrent: dict[int, str]) -> dict:
@@ -420,6 +442,10 @@ def run(args: argparse.Namespace) -> dict:
         per_request = _engine_alone(token_dir, gen, jobs, args.clients, sampling, args.rounds, True)
         result["vllm_engine_per_request_guidance_images_per_s"] = per_request["images_per_s"]
         result["vllm_engine_per_request_guidance"] = per_request
+        if getattr(args, "speculative", False):
+            draft_dir = root / "gen-draft"
+            spec = _speculative(token_dir, draft_dir, gen, jobs, args.clients, sampling, args.rounds)
+            result["vllm_speculative"] = spec
     else:
         hf = hf_round()
         result.update(hf_generate_images_per_s=hf["images_per_s"], hf=hf)

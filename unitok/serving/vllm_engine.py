@@ -79,13 +79,13 @@ class SpeculativeDraft:
     drafts the draft model's argmax and verifies it as a point mass; ``"probabilistic"`` samples the draft and
     verifies with its probabilities (``min(1, p/q)``). Both leave the target's distribution exact. Greedy drafts keep
     seeds reproducible (a seed gives the same image again); probabilistic ones do not (vLLM samples drafts without
-    the request's generator) but are accepted more often: sampling the bundled gen-next-token with gen-draft, 4.4
-    images/s for one client against 3.2.
+    the request's generator) but are accepted more often: sampling the bundled gen-next-token with gen-draft, 4.8
+    images/s for one client against 3.3 (``unitok bench serving --speculative``).
 
-    On CPU speculation through vLLM loses: engine alone, 2 cores, 4 drafts, 16 concurrent clients 16 images/s
-    against 50-57 without a draft, one client 3.2-4.4 against 7.4 (each draft token is a full vLLM model step,
-    mostly fixed overhead at these sizes). It is for GPUs, where a step's cost barely depends on the tokens it
-    verifies."""
+    On CPU speculation through vLLM loses (same bench, engine alone, 2 cores, 4 drafts): 16 concurrent clients
+    16.3-17.7 images/s against 56.4 without a draft, one client 3.3-4.8 against 7.5 (each draft token is a full
+    vLLM model step, mostly fixed overhead at these sizes). It is for GPUs, where a step's cost barely depends on
+    the tokens it verifies."""
 
     path: str
     num_speculative_tokens: int = 4
