@@ -157,7 +157,10 @@ def test_speculative_sampling_follows_the_target_distribution(tiny, method):
         engine.shutdown()
         close_loop(loop)
     assert samples.shape == (SAMPLES, CODES)
-    assert chi_square_pvalue(samples, outcomes, probs, CODES) > 0.01
+    # argmax drafts make the run a function of the seeds; probabilistic drafts are sampled without the requests'
+    # generators, so that run differs every time: its threshold keeps false alarms at 1 in 1000 (a wrong law, such
+    # as the draft's, reads p ~ 0 on 4000 samples)
+    assert chi_square_pvalue(samples, outcomes, probs, CODES) > (0.01 if method == "greedy" else 0.001)
 
 
 def test_speculative_draft_refuses_bad_settings():
