@@ -190,8 +190,11 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 def _serve_vllm_options(args: argparse.Namespace) -> dict:
     """``VllmImageEngine.start`` options from ``unitok serve``'s flags; a bad combination is a ValueError here, before
     anything starts."""
-    options = {"enforce_eager": args.enforce_eager, "per_request_guidance": args.per_request_guidance}
-    options["nice"] = args.vllm_nice
+    options = {
+        "enforce_eager": args.enforce_eager,
+        "per_request_guidance": args.per_request_guidance,
+        "nice": args.vllm_nice,
+    }
     if args.vllm_draft is None:
         return options
     if args.backend == "native":

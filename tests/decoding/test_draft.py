@@ -16,15 +16,21 @@ from .test_sjd import NULL, TEXT, P, _chi_square_pvalue, _exact_distribution, _m
 GREEDY = SamplingConfig(temperature=0)
 
 
-@pytest.mark.parametrize("gamma", [1, 3, 8])
-@pytest.mark.parametrize("guidance", [1.0, 3.0])
-def test_greedy_draft_equals_greedy_ar(gamma, guidance):
+def _greedy_case(guidance):
+    """(target, drafter, visual, layout, prefix, greedy AR tokens) of a 16-code, 20-token case with 3 prompts."""
     codes = 16
     target, drafter = _model(codes, seed=0), _model(codes, seed=1)
     visual = VisualVocab(offset=TEXT, size=codes, boi_id=4)
     layout = NextTokenMode().layout(TokenGrid(1, 4, 5), P)
     prefix = torch.tensor([[2, 7, 0], [2, 8, 9], [2, 6, 0]])
     ar = decode_blocks(target, layout, prefix, visual, guidance, NULL, GREEDY)
+    return target, drafter, visual, layout, prefix, ar
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 8])
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_greedy_draft_equals_greedy_ar(gamma, guidance):
+    target, drafter, visual, layout, prefix, ar = _greedy_case(guidance)
     out = decode_draft(target, layout, prefix, visual, guidance, NULL, GREEDY, None, draft_model=drafter, gamma=gamma)
     assert torch.equal(out.tokens, ar.tokens)
     # a perfect draft (the target itself) is always accepted: one target pass per gamma + 1 tokens
@@ -91,12 +97,7 @@ def test_draft_bad_input():
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_pruned_rows_leave_both_models_and_kept_rows_keep_their_greedy_tokens(guidance, forward_rows):
-    codes = 16
-    target, drafter = _model(codes, seed=0), _model(codes, seed=1)
-    visual = VisualVocab(offset=TEXT, size=codes, boi_id=4)
-    layout = NextTokenMode().layout(TokenGrid(1, 4, 5), P)
-    prefix = torch.tensor([[2, 7, 0], [2, 8, 9], [2, 6, 0]])
-    ar = decode_blocks(target, layout, prefix, visual, guidance, NULL, GREEDY)
+    target, drafter, visual, layout, prefix, ar = _greedy_case(guidance)
     prune = {2: torch.tensor([False, True, True])}.get  # before the third target pass
     forward_rows.clear()
     out = decode_draft(

@@ -329,16 +329,20 @@ def _engine_alone(
     return result
 
 
-def _speculative(path: Path, draft_path: Path, gen, jobs, clients: int, sampling: SamplingConfig, rounds: int) -> dict:
-    """The engine alone with no draft, argmax drafts and probabilistic drafts (4 a step), at ``clients`` and 1."""
+def _speculative(
+    path: Path, draft_path: Path, gen, jobs, clients: int, sampling: SamplingConfig, rounds: int, no_draft: dict
+) -> dict:
+    """The engine alone with argmax and probabilistic drafts (4 a step), at ``clients`` and 1, beside ``no_draft``
+    (the engine-alone run without a draft, measured with ``one_client``)."""
     from unitok.serving.vllm_engine import SpeculativeDraft
 
-    out = {}
-    for name, method in (("no_draft", None), ("argmax_drafts", "greedy"), ("probabilistic_drafts", "probabilistic")):
-        draft = SpeculativeDraft(str(draft_path), 4, method) if method else None
+    keys = ("images_per_s", "one_client_images_per_s")
+    out = {"no_draft": {key: no_draft[key] for key in keys}}
+    for name, method in (("argmax_drafts", "greedy"), ("probabilistic_drafts", "probabilistic")):
         print(f"vLLM engine alone, {name.replace('_', ' ')}")
+        draft = SpeculativeDraft(str(draft_path), 4, method)
         run = _engine_alone(path, gen, jobs, clients, sampling, rounds, draft=draft, one_client=True)
-        out[name] = {"images_per_s": run["images_per_s"], "one_client_images_per_s": run["one_client_images_per_s"]}
+        out[name] = {key: run[key] for key in keys}
     return out
 
 
@@ -434,7 +438,8 @@ def run(args: argparse.Namespace) -> dict:
             "error_messages": messages[:5],
         }
         print(f"vLLM engine alone (no HTTP): {args.clients} concurrent requests, {args.n} images")
-        engine = _engine_alone(token_dir, gen, jobs, args.clients, sampling, args.rounds)
+        speculative = getattr(args, "speculative", False)
+        engine = _engine_alone(token_dir, gen, jobs, args.clients, sampling, args.rounds, one_client=speculative)
         result["vllm_engine_images_per_s"] = engine["images_per_s"]
         result["vllm_engine_ratio"] = engine["images_per_s"] / hf["images_per_s"]
         result["vllm_engine"] = engine
@@ -442,9 +447,9 @@ def run(args: argparse.Namespace) -> dict:
         per_request = _engine_alone(token_dir, gen, jobs, args.clients, sampling, args.rounds, True)
         result["vllm_engine_per_request_guidance_images_per_s"] = per_request["images_per_s"]
         result["vllm_engine_per_request_guidance"] = per_request
-        if getattr(args, "speculative", False):
+        if speculative:
             draft_dir = root / "gen-draft"
-            spec = _speculative(token_dir, draft_dir, gen, jobs, args.clients, sampling, args.rounds)
+            spec = _speculative(token_dir, draft_dir, gen, jobs, args.clients, sampling, args.rounds, engine)
             result["vllm_speculative"] = spec
     else:
         hf = hf_round()

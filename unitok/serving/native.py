@@ -252,9 +252,9 @@ class NativeEngine:
 
     def cancel(self, future: Future) -> bool:
         """Cancel the request of ``future`` (from :meth:`submit`): a waiting one leaves the queue and its future is
-        cancelled; a running one is not answered (its future fails with :class:`BatchAbandonedError`) and, in a
-        block-decoder batch, leaves it before the next block (the batch stops when none is left). False if the
-        request had finished already."""
+        cancelled; a running one is not answered (its future fails with :class:`BatchAbandonedError`) and leaves its
+        batch before the next block or pass (the batch stops when none is left; see the module docstring for
+        ``hf``). False if the request had finished already."""
         if future.cancel():
             return True
         with self._cond:
