@@ -16,6 +16,10 @@ The LlamaGen comparison, on the bundled next-token generator at its recommended 
   concurrent coroutines (no HTTP, no pixels, no PNG), and ``vllm_engine_ratio`` against HF: how much of vLLM's
   speed the server passes on; ``vllm_engine_per_request_guidance_images_per_s``: the same with an engine started
   with ``per_request_guidance=True`` (what serving every guidance scale through vLLM costs);
+- ``vllm_step_loop_images_per_s`` and ``vllm_step_loop_ratio``: vLLM's engine stepped in one process with
+  ``--clients`` requests always in flight (no HTTP, no asyncio, no pixels, no empty slot;
+  :mod:`unitok.bench.vllm_loop`, in a child process), against HF ``generate`` rounds alternating in that child: the
+  most of vLLM's speed a server on this machine can pass on, so the ceiling of ``ratio`` here;
 - with ``--speculative``, ``vllm_speculative``: the engine alone speculating with ``gen-draft`` (4 drafts a step,
   argmax and probabilistic drafts) and without a draft, each at ``--clients`` concurrent requests and at 1.
 
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -200,7 +205,7 @@ def _summary(run: dict) -> dict:
     }
 
 
-def _hf_baseline(gen, labels: list[int], batch_size: int, guidance: float, sampling: SamplingConfig, seed: int) -> dict:
+def hf_baseline(gen, labels: list[int], batch_size: int, guidance: float, sampling: SamplingConfig, seed: int) -> dict:
     rng = torch.Generator().manual_seed(seed)
     gen.generate_tokens(labels[:2], guidance, sampling, rng, "hf")  # warm-up
     start = time.perf_counter()
@@ -252,8 +257,6 @@ def _logprob_divergences(url: str, gen, jobs: list[tuple[str, int]], clients: in
     """``jobs`` as ``clients`` concurrent ``/v1/completions`` requests with ``logprobs=0``: every sampled token's
     log-prob (vLLM's guided distribution) must equal the HF model's guided log-prob of that token given the same
     tokens before it, for the request's own condition, within ``LOGPROB_TOLERANCE``."""
-    from unitok.decoding.cfg import next_token_guided_logprobs
-
     client = _client(url)
 
     def call(i: int) -> tuple[list[int], list[float]]:
@@ -262,6 +265,17 @@ def _logprob_divergences(url: str, gen, jobs: list[tuple[str, int]], clients: in
         return [int(t) for t in choice.text.split()], list(choice.logprobs.token_logprobs)
 
     served, errors, _ = _concurrently(len(jobs), clients, call)
+    return {**logprob_divergences(gen, jobs, served, guidance), "errors": errors}
+
+
+def logprob_divergences(
+    gen, jobs: list[tuple[str, int]], served: dict[int, tuple[list[int], list[float]]], guidance: float
+) -> dict:
+    """``served[i]`` = (visual indices, their log-probs) sampled for ``jobs[i]``'s prompt, against the HF model's
+    guided log-prob of each token given the same tokens before it: how many samples differ by more than
+    ``LOGPROB_TOLERANCE`` anywhere, and the largest difference."""
+    from unitok.decoding.cfg import next_token_guided_logprobs
+
     divergences, worst = 0, 0.0
     order = sorted(served)
     for start in range(0, len(order), 16):
@@ -272,12 +286,14 @@ def _logprob_divergences(url: str, gen, jobs: list[tuple[str, int]], clients: in
         error = (torch.tensor([served[i][1] for i in chunk]) - reference).abs().amax(dim=1)  # (B,)
         divergences += int((error > LOGPROB_TOLERANCE).sum())
         worst = max(worst, float(error.max()))
-    return {
-        "logprob_requests": len(served),
-        "logprob_divergences": divergences,
-        "max_logprob_error": worst,
-        "errors": errors,
-    }
+    return {"logprob_requests": len(served), "logprob_divergences": divergences, "max_logprob_error": worst}
+
+
+def image_jobs(gen, n: int, seed: int) -> tuple[list[int], list[tuple[str, int]]]:
+    """The benchmark's ``n`` class-balanced labels of ``gen`` and its jobs: (class name, seed) per image."""
+    names = list(gen.vocab.class_names)
+    labels = balanced_labels(n, len(names))
+    return labels, [(names[c], seed * 1_000_003 + i) for i, c in enumerate(labels)]
 
 
 def _engine_alone(
@@ -327,6 +343,23 @@ def _engine_alone(
     if alone is not None:
         result["one_client_images_per_s"] = sorted(alone)[rounds // 2]
     return result
+
+
+def step_loop(path: Path, n: int, clients: int, rounds: int, seed: int, enforce_eager: bool = False) -> dict:
+    """:mod:`unitok.bench.vllm_loop` in a child process (vLLM's engine stepped in-process, no gaps, HF rounds
+    alternating): its result, or a ``RuntimeError`` with the child's last output lines."""
+    with tempfile.TemporaryDirectory(prefix="unitok-vllm-loop-") as folder:
+        out = Path(folder) / "loop.json"
+        command = [sys.executable, "-m", "unitok.bench.vllm_loop", str(path), "--n", str(n), "--clients", str(clients)]
+        command += ["--rounds", str(rounds), "--seed", str(seed), "--json", str(out)]
+        command += ["--enforce-eager"] if enforce_eager else []
+        env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+        # its own process group, not session: see ServerProcess
+        done = subprocess.run(command, env=env, capture_output=True, text=True, process_group=0)
+        if done.returncode != 0 or not out.is_file():
+            tail = "\n".join((done.stdout + done.stderr).splitlines()[-30:])
+            raise RuntimeError(f"the vLLM step loop exited with {done.returncode}:\n{tail}")
+        return json.loads(out.read_text())
 
 
 def _speculative(
@@ -391,8 +424,7 @@ def run(args: argparse.Namespace) -> dict:
     guidance = defaults["guidance_scale"]
     sampling = SamplingConfig(defaults["temperature"], defaults["top_k"], defaults["top_p"])
     names = list(gen.vocab.class_names)
-    labels = balanced_labels(args.n, len(names))
-    jobs = [(names[c], args.seed * 1_000_003 + i) for i, c in enumerate(labels)]
+    labels, jobs = image_jobs(gen, args.n, args.seed)
     result: dict = {
         "checkpoint": str(token_dir),
         "requests": args.n,
@@ -403,7 +435,7 @@ def run(args: argparse.Namespace) -> dict:
     }
 
     def hf_round() -> dict:
-        return _hf_baseline(gen, labels, args.clients, guidance, sampling, args.seed)
+        return hf_baseline(gen, labels, args.clients, guidance, sampling, args.seed)
 
     errors = 0
     if vllm_importable():
@@ -443,6 +475,11 @@ def run(args: argparse.Namespace) -> dict:
         result["vllm_engine_images_per_s"] = engine["images_per_s"]
         result["vllm_engine_ratio"] = engine["images_per_s"] / hf["images_per_s"]
         result["vllm_engine"] = engine
+        print("vLLM engine stepped in one process, no gaps (the ceiling of the server's ratio), HF alternating")
+        loop = step_loop(token_dir, args.n, args.clients, args.rounds, args.seed)
+        result["vllm_step_loop_images_per_s"] = loop["images_per_s"]
+        result["vllm_step_loop_ratio"] = loop["ratio"]
+        result["vllm_step_loop"] = loop
         print("vLLM engine alone, started with per-request guidance")
         per_request = _engine_alone(token_dir, gen, jobs, args.clients, sampling, args.rounds, True)
         result["vllm_engine_per_request_guidance_images_per_s"] = per_request["images_per_s"]

@@ -199,6 +199,69 @@ def close_loop(loop: asyncio.AbstractEventLoop) -> None:
     loop.close()
 
 
+def engine_arguments(
+    path: str,
+    spec: ImageSpec,
+    max_num_seqs: int = 64,
+    enforce_eager: bool = True,
+    enable_prefix_caching: bool = True,
+    seed: int = 0,
+) -> dict:
+    """vLLM engine arguments (``AsyncEngineArgs`` / ``LLM`` keywords) serving the generator at ``path`` as ``spec``
+    describes it (its guidance scale; per-request guidance when ``spec`` says so), fp32, no tokenizer. Also sets
+    vLLM's CPU environment (:data:`CPU_ENVIRONMENT`, where not exported) and its compile cache folder."""
+    for key, value in CPU_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+    if "VLLM_CACHE_ROOT" not in os.environ:
+        os.environ["VLLM_CACHE_ROOT"] = str(compile_cache_dir())
+    generation: dict = {"guidance_scale": spec.guidance_scale}
+    if spec.per_request_guidance:
+        generation["per_request_guidance"] = True
+    return {
+        "model": path,
+        "dtype": "float32",
+        "max_model_len": spec.max_model_len,
+        "max_num_seqs": max_num_seqs,
+        "enforce_eager": enforce_eager,
+        "enable_prefix_caching": enable_prefix_caching,
+        "skip_tokenizer_init": True,  # prompts are token ids and outputs visual ids: nothing to (de)tokenize
+        "seed": seed,
+        "hf_overrides": {"generation": generation},
+        "disable_log_stats": True,
+    }
+
+
+def image_sampling_params(
+    spec: ImageSpec,
+    sampling: SamplingConfig,
+    n: int = 1,
+    seed: int | None = None,
+    logprobs: int | None = None,
+    stream: bool = False,
+    guidance_scale: float | None = None,
+):
+    """vLLM ``SamplingParams`` for ``n`` images of ``spec``: exactly ``num_visual`` tokens each, no detokenizing;
+    the final output only, or every step's tokens so far with ``stream``; ``guidance_scale`` for an engine with
+    per-request guidance (None: the engine's scale)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        n=n,
+        seed=seed,
+        temperature=float(sampling.temperature),
+        top_k=int(sampling.top_k),
+        top_p=float(sampling.top_p),
+        max_tokens=spec.num_visual,
+        min_tokens=spec.num_visual,
+        ignore_eos=True,
+        detokenize=False,
+        logprobs=logprobs,
+        output_kind=RequestOutputKind.CUMULATIVE if stream else RequestOutputKind.FINAL_ONLY,
+        extra_args={"guidance_scale": float(guidance_scale)} if guidance_scale is not None else None,
+    )
+
+
 class VllmImageEngine:
     """An ``AsyncLLM`` serving one unitok next-token generator; see the module docstring."""
 
@@ -248,8 +311,8 @@ class VllmImageEngine:
         :mod:`unitok.serving.vllm_fixes` (installed by the model file).
         ``threads``: torch threads of vLLM's engine core on CPU (default: this process's count).
         ``per_request_guidance``: every request may bring its own guidance scale (``guidance_scale`` is then the
-        scale of requests that name none); not with ``draft``. ``engine_args`` go to vLLM's ``AsyncEngineArgs`` as
-        they are.
+        scale of requests that name none); not with ``draft``. ``engine_args`` go to vLLM's ``AsyncEngineArgs``
+        (over :func:`engine_arguments`' values).
 
         ``nice`` (0..19): raise the engine core process's niceness by this much once it runs, so that work in this
         process (a server's HTTP handling, pixel decoding, PNG encoding) preempts the engine's steps instead of
@@ -272,35 +335,18 @@ class VllmImageEngine:
                 "per_request_guidance does not combine with a draft model: vLLM's draft proposer samples from the "
                 "draft's own logits, which would then be unguided; start one engine for each"
             )
-        generation = {"guidance_scale": spec.guidance_scale}
         if per_request_guidance:
             from unitok.serving.vllm_guidance import GuidanceLogitsProcessor
 
-            generation["per_request_guidance"] = True
             spec = replace(spec, per_request_guidance=True)
             engine_args.setdefault("logits_processors", [GuidanceLogitsProcessor])
             engine_args.setdefault("logprobs_mode", "processed_logprobs")  # raw ones would be over 2V columns
-        for key, value in CPU_ENVIRONMENT.items():
-            os.environ.setdefault(key, value)
-        if "VLLM_CACHE_ROOT" not in os.environ:
-            os.environ["VLLM_CACHE_ROOT"] = str(compile_cache_dir())
-
+        if draft is not None:
+            engine_args["speculative_config"] = draft.speculative_config()
         from vllm.engine.arg_utils import AsyncEngineArgs
 
-        args = AsyncEngineArgs(
-            model=path,
-            dtype="float32",
-            max_model_len=spec.max_model_len,
-            max_num_seqs=max_num_seqs,
-            enforce_eager=enforce_eager,
-            enable_prefix_caching=enable_prefix_caching,
-            skip_tokenizer_init=True,  # prompts are token ids and outputs visual ids: nothing to (de)tokenize
-            seed=seed,
-            hf_overrides={"generation": generation},
-            speculative_config=draft.speculative_config() if draft is not None else None,
-            disable_log_stats=True,
-            **engine_args,
-        )
+        ours = engine_arguments(path, spec, max_num_seqs, enforce_eager, enable_prefix_caching, seed)
+        args = AsyncEngineArgs(**{**ours, **engine_args})
         from vllm.platforms import current_platform
 
         cpu = current_platform.is_cpu()
@@ -331,9 +377,7 @@ class VllmImageEngine:
         every step (and the sampled token's). ``guidance_scale`` None is the engine's; another scale needs an
         engine started with ``per_request_guidance=True``. ``on_tokens(i, tokens)`` (n=1 only: streaming) is called
         on this event loop with the (1, i + 1) visual tokens so far, for every ``i`` in order."""
-        from vllm import SamplingParams
         from vllm.exceptions import VLLMValidationError
-        from vllm.sampling_params import RequestOutputKind
 
         sampling = sampling or SamplingConfig()
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -358,24 +402,14 @@ class VllmImageEngine:
         # vLLM refuses n > 1 when greedy; greedy samples of one prompt are one image, sampled once and repeated
         copies, n = (n, 1) if sampling.greedy else (1, n)
         try:
-            params = SamplingParams(
-                n=n,
-                seed=seed,
-                temperature=float(sampling.temperature),
-                top_k=int(sampling.top_k),
-                top_p=float(sampling.top_p),
-                max_tokens=spec.num_visual,
-                min_tokens=spec.num_visual,
-                ignore_eos=True,
-                detokenize=False,
-                logprobs=logprobs,
-                # one output holding all n images; every step's tokens so far when streaming
-                output_kind=RequestOutputKind.FINAL_ONLY if on_tokens is None else RequestOutputKind.CUMULATIVE,
-                extra_args=(
-                    {"guidance_scale": float(guidance_scale)}
-                    if guidance_scale is not None and self.per_request_guidance
-                    else None
-                ),
+            params = image_sampling_params(
+                spec,
+                sampling,
+                n,
+                seed,
+                logprobs,
+                stream=on_tokens is not None,  # every step's tokens so far; else one output holding all n images
+                guidance_scale=guidance_scale if self.per_request_guidance else None,
             )
             final, reported = None, 0
             async for output in self.llm.generate({"prompt_token_ids": prompt}, params, request_id=uuid.uuid4().hex):
