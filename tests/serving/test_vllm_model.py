@@ -180,6 +180,34 @@ def test_cpu_engine_core_runs_the_model(engine):
     assert "VLLM::EngineCore" in names and "VLLM::Worker" not in names
 
 
+SCRIPT_START_STOP = """
+import asyncio, gc, sys, weakref
+from unitok.serving.vllm_engine import VllmImageEngine, close_loop
+
+if __name__ == "__main__":
+    engine = VllmImageEngine.start(sys.argv[1])  # the first import of vLLM in this process
+    llm = weakref.ref(engine.llm)
+    loop = asyncio.new_event_loop()
+    tokens = loop.run_until_complete(engine.generate([2] + [0] * (engine.spec.prefix_len - 1), seed=0))
+    engine.shutdown()
+    close_loop(loop)
+    gc.collect()
+    print("tokens", tuple(tokens.shape), "released", llm() is None)
+"""
+
+
+def test_a_script_that_starts_and_shuts_down_an_engine_releases_it_and_exits_cleanly(tmp_path):
+    """vLLM keeps an optional dependency's ImportError with its traceback, and so the frames of the call that first
+    imported vLLM: ``VllmImageEngine.start``'s held the AsyncLLM past ``shutdown()``, and vLLM's finaliser then failed
+    at interpreter exit ("Exception ignored in AsyncLLM.__del__")."""
+    script = tmp_path / "start_stop.py"
+    script.write_text(SCRIPT_START_STOP)
+    done = subprocess.run([sys.executable, str(script), str(CHECKPOINT)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "tokens (1, 49) released True" in done.stdout, done.stdout[-2000:]
+    assert "Exception ignored" not in done.stderr, done.stderr[-3000:]
+
+
 def test_lower_priority_nices_every_thread_and_caps_at_19():
     """``lower_priority`` (what ``VllmImageEngine.start(nice=...)`` applies to the engine core) adds to the niceness
     of every thread of a process, never past 19."""

@@ -357,7 +357,12 @@ class VllmImageEngine:
                 logger.warning("nice=%d not applied: this vLLM does not expose its engine core processes", nice)
             for pid in pids:
                 lower_priority(pid, nice)
-        return cls(llm, spec, path, draft=draft, cpu=cpu)
+        engine = cls(llm, spec, path, draft=draft, cpu=cpu)
+        # vLLM keeps an optional dependency's ImportError (torchcodec) with its traceback, which keeps alive the frames
+        # of the first call that imported vLLM, this one included, locals and all: without this the AsyncLLM outlived
+        # shutdown() and vLLM's finaliser failed at interpreter exit ("'NoneType' object is not callable").
+        del llm
+        return engine
 
     @property
     def guidance_scale(self) -> float:
