@@ -74,7 +74,7 @@ SUITES: dict[str, Suite] = {
     "serving": Suite(
         module="unitok.bench.serving",
         help="images/s of the real server (vLLM next-token, native next-block) under concurrent openai clients vs HF "
-        "generate, latency, CFG pair divergences",
+        "generate, latency, CFG pair divergences, and vLLM's engine alone (the ceiling of the server's ratio)",
         options={
             "--n": {"type": int, "default": 64, "help": "images per measured run (default 64)"},
             "--clients": {"type": int, "default": 16, "help": "concurrent clients = HF batch size (default 16)"},
