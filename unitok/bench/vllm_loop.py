@@ -158,7 +158,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not Path(args.checkpoint, "config.json").is_file():
         parser.error(f"no generator at {args.checkpoint}")
-    result = measure(args.checkpoint, args.n, args.clients, args.rounds, args.seed, args.enforce_eager)
+    if min(args.n, args.clients, args.rounds) < 1:
+        parser.error("--n, --clients and --rounds must be >= 1")
+    try:
+        result = measure(args.checkpoint, args.n, args.clients, args.rounds, args.seed, args.enforce_eager)
+    except ValueError as err:  # e.g. a generator that is not next-token
+        parser.error(str(err))
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if not k.endswith("rounds_images_per_s")}), file=sys.stderr)
 
