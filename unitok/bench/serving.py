@@ -206,6 +206,8 @@ def _summary(run: dict) -> dict:
 
 
 def hf_baseline(gen, labels: list[int], batch_size: int, guidance: float, sampling: SamplingConfig, seed: int) -> dict:
+    """HF ``generate`` (unitok's ``hf`` decoder) on ``labels`` in batches of ``batch_size``, tokens decoded to pixels:
+    images per second after a warm-up batch."""
     rng = torch.Generator().manual_seed(seed)
     gen.generate_tokens(labels[:2], guidance, sampling, rng, "hf")  # warm-up
     start = time.perf_counter()
@@ -355,7 +357,12 @@ def step_loop(path: Path, n: int, clients: int, rounds: int, seed: int, enforce_
         command += ["--enforce-eager"] if enforce_eager else []
         env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
         # its own process group, not session: see ServerProcess
-        done = subprocess.run(command, env=env, capture_output=True, text=True, process_group=0)
+        try:
+            done = subprocess.run(
+                command, env=env, capture_output=True, text=True, process_group=0, timeout=2 * START_TIMEOUT_S
+            )
+        except subprocess.TimeoutExpired as err:
+            raise RuntimeError(f"the vLLM step loop did not finish within {err.timeout:.0f} s") from None
         if done.returncode != 0 or not out.is_file():
             tail = "\n".join((done.stdout + done.stderr).splitlines()[-30:])
             raise RuntimeError(f"the vLLM step loop exited with {done.returncode}:\n{tail}")
