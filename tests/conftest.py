@@ -28,3 +28,22 @@ def forward_rows(monkeypatch):
 
     monkeypatch.setattr(KVEngine, "forward", spy)
     return rows
+
+
+class ScriptedPrune:
+    """A decoder's ``prune`` callback: answers ``masks.get(step)`` (a row mask, or None to keep every row) and
+    records in ``calls`` every step it was asked about."""
+
+    def __init__(self, masks: dict):
+        self.masks = masks
+        self.calls: list[int] = []
+
+    def __call__(self, step: int):
+        self.calls.append(step)
+        return self.masks.get(step)
+
+
+@pytest.fixture
+def scripted_prune():
+    """:class:`ScriptedPrune`, for tests of decoders that take ``prune``."""
+    return ScriptedPrune

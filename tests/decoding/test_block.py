@@ -181,7 +181,7 @@ def test_prefixes_of_the_wrong_shape_raise(model):
         decode_blocks(model, layout, _prefix(2), VISUAL, guidance_scale=2.0, null_prefix_ids=NULL[:, :2])
 
 
-def test_pruned_rows_stop_and_kept_rows_are_unchanged(model, layout, forward_rows):
+def test_pruned_rows_stop_and_kept_rows_are_unchanged(model, layout, forward_rows, scripted_prune):
     """``prune`` drops rows mid-decode (a server's requests whose clients left): the dropped rows take no part in
     later passes, the kept rows get the tokens of the full batch, ``rows`` names them."""
     prefix = _prefix(4, seed=5)
@@ -191,15 +191,10 @@ def test_pruned_rows_stop_and_kept_rows_are_unchanged(model, layout, forward_row
     if layout.num_blocks < 3:
         pytest.skip("needs 3 blocks")
     masks = {1: torch.tensor([True, False, True, True]), 2: torch.tensor([False, True, True])}
-    calls = []
-
-    def prune(block):
-        calls.append(block)
-        return masks.get(block)
-
+    prune = scripted_prune(masks)
     forward_rows.clear()
     pruned = decode_blocks(model, layout, prefix, VISUAL, prune=prune, **kwargs)
-    assert calls == list(range(1, layout.num_blocks))  # before every block after the first
+    assert prune.calls == list(range(1, layout.num_blocks))  # before every block after the first
     assert forward_rows[:3] == [8, 6, 4] and set(forward_rows[3:]) <= {4}  # cond + null rows of the live requests
     assert pruned.rows.tolist() == [2, 3]
     assert torch.equal(pruned.tokens, full.tokens[[2, 3]])

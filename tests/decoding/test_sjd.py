@@ -122,7 +122,7 @@ def test_guidance_schedules_follow_the_reference_decoder(schedule):
 
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
-def test_pruned_rows_leave_and_kept_rows_keep_their_greedy_tokens(guidance, forward_rows):
+def test_pruned_rows_leave_and_kept_rows_keep_their_greedy_tokens(guidance, forward_rows, scripted_prune):
     """``prune`` (a server's requests whose clients left) drops rows between passes: later passes carry only the
     kept rows (and their null rows), which still get greedy AR's tokens; ``rows`` names them."""
     codes = 16
@@ -131,16 +131,11 @@ def test_pruned_rows_leave_and_kept_rows_keep_their_greedy_tokens(guidance, forw
     prefix = torch.tensor([[2, 7, 0], [2, 8, 9], [2, 6, 0], [2, 9, 9]])
     ar = decode_blocks(model, layout, prefix, visual, guidance, NULL, GREEDY)
     masks = {1: torch.tensor([True, False, True, True]), 3: torch.tensor([False, True, True])}
-    calls = []
-
-    def prune(step):
-        calls.append(step)
-        return masks.get(step)
-
+    prune = scripted_prune(masks)
     forward_rows.clear()
     out = decode_sjd(model, layout, prefix, visual, guidance, NULL, GREEDY, None, window=3, prune=prune)
     pair = 2 if guidance != 1.0 else 1
-    assert calls == list(range(1, out.forward_passes))  # before every pass after the first
+    assert prune.calls == list(range(1, out.forward_passes))  # before every pass after the first
     assert forward_rows[:4] == [4 * pair, 3 * pair, 3 * pair, 2 * pair] and set(forward_rows[4:]) <= {2 * pair}
     assert out.rows.tolist() == [2, 3] and torch.equal(out.tokens, ar.tokens[[2, 3]])
 

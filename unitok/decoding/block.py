@@ -43,6 +43,12 @@ def pruned_rows(prune: Prune | None, step: int, batch: int, device: torch.device
     return None if bool(keep.all()) else keep.nonzero()[:, 0].to(device)
 
 
+def surviving_rows(alive: torch.Tensor | None, kept: torch.Tensor, batch: int) -> torch.Tensor:
+    """The input rows still decoded once rows ``kept`` of the ``batch`` current ones go on (``alive``: the current
+    rows' input rows, None while no row has been dropped)."""
+    return (alive if alive is not None else torch.arange(batch, device=kept.device))[kept]
+
+
 def cache_rows(kept: torch.Tensor, batch: int, cfg: bool) -> torch.Tensor:
     """Rows ``kept`` of a batch of ``batch`` as KV-cache rows: with guidance, their null-condition rows too (a
     decoder's cache holds the B conditional rows, then the B unconditional ones)."""
@@ -117,7 +123,7 @@ def decode_blocks(
             kept_rows = cache_rows(kept, batch, cfg)
             engine.select_rows(kept_rows)
             tokens, visual_embeds = tokens[kept], visual_embeds[kept_rows]
-            alive = (alive if alive is not None else torch.arange(batch, device=device))[kept]
+            alive = surviving_rows(alive, kept, batch)
             batch = kept.numel()
         begin, end = layout.step_range(block)
         inputs = layout.step_inputs(block, visual_embeds, start)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from unitok.decoding.block import DecodeResult, Prune, cache_rows, guided_prefix, pruned_rows
+from unitok.decoding.block import DecodeResult, Prune, cache_rows, guided_prefix, pruned_rows, surviving_rows
 from unitok.decoding.cfg import Guidance, as_guidance, guide
 from unitok.decoding.engine import KVEngine
 from unitok.decoding.sampling import SamplingConfig, draw
@@ -127,7 +127,7 @@ def decode_draft(
             target.select(kept)
             drafter.select(kept)
             tokens, committed = tokens[kept], committed[kept]
-            alive = (alive if alive is not None else torch.arange(batch, device=device))[kept]
+            alive = surviving_rows(alive, kept, batch)
             batch = kept.numel()
             rows = torch.arange(batch, device=device)
             if not bool((committed < n_tokens).any()):

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from unitok.decoding.block import DecodeResult, Prune, cache_rows, guided_prefix, pruned_rows
+from unitok.decoding.block import DecodeResult, Prune, cache_rows, guided_prefix, pruned_rows, surviving_rows
 from unitok.decoding.cfg import Guidance, as_guidance
 from unitok.decoding.engine import KVEngine
 from unitok.decoding.sampling import SamplingConfig, draw
@@ -138,7 +138,7 @@ def decode_sjd(
         if kept is not None:  # rows nobody waits for leave the cache and every later pass
             engine.select_rows(cache_rows(kept, batch, cfg))
             drafts, q, committed = drafts[kept], q[kept], committed[kept]
-            alive = (alive if alive is not None else torch.arange(batch, device=device))[kept]
+            alive = surviving_rows(alive, kept, batch)
             batch, done = kept.numel(), committed.tolist()
             rows = torch.arange(batch, device=device)
             if min(done) >= n_tokens:
